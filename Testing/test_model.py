@@ -1,0 +1,178 @@
+"""The VOILA network: shapes, sizes, losses by hand, the CAS frame, and that it learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from voila.model.cas import ComplexityVAE, complexity_target, select_voxels
+from voila.model.config import CASConfig, load_preset
+from voila.model.losses import marginal_cross_entropy, voxel_f1_loss
+from voila.model.voila import VoilaModel
+from voila.model.voxel_encoder import VoxelEncoder
+
+
+def unit(rows: int, dim: int = 512, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 32), (20, 28, 36), (17, 23, 31)])
+def test_voxel_encoder_gives_one_token_per_input_voxel_for_any_patch_size(shape):
+    encoder = VoxelEncoder(load_preset("tiny"))
+    tokens = encoder(torch.randn(1, 1, *shape))
+    assert tokens.shape == (1, 32, *shape)
+
+
+def test_model_forward_gives_unit_tokens_and_a_heatmap_in_unit_range():
+    model = VoilaModel(load_preset("tiny")).eval()
+    with torch.no_grad():
+        tokens, heatmap = model(torch.randn(2, 1, 24, 24, 24))
+    assert tokens.shape == (2, 32, 24, 24, 24)
+    assert torch.allclose(tokens.norm(dim=1), torch.ones(2, 24, 24, 24), atol=1e-5)
+    assert heatmap.shape == (2, 1, 24, 24, 24)
+    assert float(heatmap.min()) >= 0.0 and float(heatmap.max()) <= 1.0
+
+
+def test_paper_preset_has_the_papers_parameter_count():
+    count = VoilaModel(load_preset("paper")).trainable_parameters()
+    assert 6.4e6 * 0.95 <= count <= 6.4e6 * 1.05, count
+
+
+def test_tiny_preset_is_under_half_a_million_and_small_lies_between():
+    tiny = VoilaModel(load_preset("tiny")).trainable_parameters()
+    small = VoilaModel(load_preset("small")).trainable_parameters()
+    paper = VoilaModel(load_preset("paper")).trainable_parameters()
+    assert tiny < 0.5e6 < small < paper
+
+
+def test_cas_network_is_lightweight():
+    cas = ComplexityVAE(CASConfig())
+    assert sum(p.numel() for p in cas.parameters()) < 100_000
+
+
+def test_logit_scale_starts_at_one_over_tau_and_is_clamped_at_100():
+    model = VoilaModel(load_preset("tiny"))
+    assert math.isclose(float(model.head.scale().detach()), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.head.logit_scale.fill_(10.0)
+    assert float(model.head.scale()) == 100.0
+
+
+def test_cross_entropy_matches_a_hand_computed_value():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    target = torch.tensor([0, 2])
+    annotated = torch.ones(2, 3, dtype=torch.bool)
+    expected = 0.5 * (
+        -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1)) - math.log(math.exp(3) / (2 + math.exp(3)))
+    )
+    assert math.isclose(float(marginal_cross_entropy(logits, target, annotated)), expected, rel_tol=1e-6)
+
+
+def test_background_of_a_partially_labelled_case_may_be_any_unannotated_structure():
+    # class 2 is not annotated for this case: a voxel labelled 0 may be class 2, so the loss uses
+    # p(background) + p(class 2) and never pushes the voxel away from class 2.
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    annotated = torch.tensor([[True, True, False]])
+    z = 1 + math.exp(1) + math.exp(2)
+    expected = -math.log((1 + math.exp(2)) / z)
+    assert math.isclose(float(marginal_cross_entropy(logits, torch.tensor([0]), annotated)), expected, rel_tol=1e-6)
+
+
+def test_f1_loss_matches_a_hand_computed_value():
+    # two classes; softmax probabilities chosen through logits = log(p)
+    p = torch.tensor([[0.1, 0.9], [0.6, 0.4], [0.2, 0.8]])
+    target = torch.tensor([1, 0, 1])
+    annotated = torch.ones(3, 2, dtype=torch.bool)
+    tp = 0.9 + 0.8
+    f1 = (2 * tp + 1e-5) / ((0.9 + 0.4 + 0.8) + 2 + 1e-5)
+    assert math.isclose(float(voxel_f1_loss(p.log(), target, annotated)), 1 - f1, rel_tol=1e-5)
+
+
+def test_f1_loss_ignores_classes_a_case_does_not_annotate():
+    p = torch.tensor([[0.2, 0.5, 0.3]])
+    annotated = torch.tensor([[True, True, False]])
+    # renormalised over annotated classes: p1 = 0.5 / 0.7
+    expected = 1 - (2 * 0.5 / 0.7 + 1e-5) / (0.5 / 0.7 + 1 + 1e-5)
+    loss = voxel_f1_loss(p.log(), torch.tensor([1]), annotated)
+    assert math.isclose(float(loss), expected, rel_tol=1e-5)
+
+
+def test_cas_target_peaks_where_classification_is_hard_in_the_cts_own_frame():
+    shape = (12, 16, 20)  # D, H, W all different, hard region far from the centre on every axis
+    d, h, w = torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij")
+    hard = (d >= 1) & (d <= 3) & (h >= 10) & (h <= 13) & (w >= 14) & (w <= 18)
+    confidence = torch.where(hard, 0.05, 0.95).reshape(1, -1) + torch.rand(1, hard.numel()) * 0.01
+    indices = torch.arange(hard.numel())[None]
+    target = complexity_target(confidence, indices, shape, sigma=1.0)
+    assert target.shape == (1, 1, *shape)
+    peak = torch.tensor(divmod_3d(int(target.argmax()), shape))
+    assert bool(hard[tuple(peak)]), f"target peaks at {peak.tolist()}, outside the hard region"
+    # ranks spread the easy voxels evenly over [0, 1): their mean is about 0.5
+    assert float(target[0, 0][hard].mean()) > 0.7 > 0.55 > float(target[0, 0][~hard].mean())
+
+
+def divmod_3d(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    d, rest = divmod(flat, shape[1] * shape[2])
+    h, w = divmod(rest, shape[2])
+    return d, h, w
+
+
+def test_confidently_wrong_voxels_rank_as_hardest():
+    confidence = torch.tensor([[0.9, 0.001, 0.5, 0.99]])  # voxel 1 is confidently wrong
+    target = complexity_target(confidence, torch.arange(4)[None], (1, 1, 4), sigma=0.0)
+    assert target.flatten().tolist() == pytest.approx([1 / 3, 1.0, 2 / 3, 0.0])
+
+
+def test_cas_selects_the_most_complex_voxels_plus_uniform_extras():
+    shape = (8, 8, 8)
+    heatmap = torch.zeros(1, 1, *shape)
+    heatmap[0, 0, 1, 6, 3] = 1.0
+    selection = select_voxels(heatmap, "cas", ratio=0.01, oversampling=2, spatial_shape=shape, batch=1)
+    k = round(0.01 * 512)
+    assert selection.loss_indices.shape == (1, k)
+    assert 1 * 64 + 6 * 8 + 3 in selection.loss_indices[0].tolist()
+    assert selection.target_indices.shape == (1, 3 * k)
+    assert len(set(selection.target_indices[0].tolist())) == 3 * k  # extras never repeat CAS picks
+
+
+def test_sampling_modes_random_and_none():
+    shape = (6, 6, 6)
+    random = select_voxels(None, "random", 0.1, 2, shape, batch=2)
+    assert random.loss_indices.shape == (2, round(0.1 * 216))
+    none = select_voxels(None, "none", 0.1, 2, shape, batch=1)
+    assert none.loss_indices.shape == (1, 216)
+
+
+def synthetic_ct(seed: int = 0, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two blobs in noise: class 1 bright, class 2 dark, on a mid-grey body."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(size).float() for _ in range(3)), indexing="ij"))
+    centre1 = torch.randint(6, size - 6, (3,), generator=generator).float()
+    centre2 = torch.randint(6, size - 6, (3,), generator=generator).float()
+    labels = torch.zeros(size, size, size, dtype=torch.long)
+    labels[((grid - centre1[:, None, None, None]) ** 2).sum(0) < 16] = 1
+    labels[((grid - centre2[:, None, None, None]) ** 2).sum(0) < 9] = 2
+    ct = torch.tensor([0.0, 1.5, -1.5])[labels] + 0.3 * torch.randn(size, size, size, generator=generator)
+    return ct[None, None], labels[None]
+
+
+def test_tiny_model_loss_falls_on_a_synthetic_ct_within_a_few_steps():
+    torch.manual_seed(0)
+    model = VoilaModel(load_preset("tiny"))
+    features = unit(2)
+    annotated = torch.ones(1, 3, dtype=torch.bool)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history = []
+    for step in range(25):
+        ct, labels = synthetic_ct(seed=step % 4)
+        losses = model.losses(ct, labels, features, annotated, generator=torch.Generator().manual_seed(step))
+        optimiser.zero_grad()
+        losses.total.backward()
+        optimiser.step()
+        history.append(float(losses.cross_entropy + losses.f1))
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert last < 0.6 * first, history

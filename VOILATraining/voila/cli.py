@@ -1,0 +1,64 @@
+"""The ``voila`` command line: ``voila info | segment | train | evaluate``.
+
+Each subcommand lives in ``voila.commands.<name>`` and provides ``add_parser(subparsers)`` and
+``run(args) -> int``. Errors a user can cause (:class:`voila.VoilaError`) print one line and exit
+non-zero; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from voila import __version__
+from voila.errors import VoilaError
+
+SUBCOMMANDS = ("info",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voila",
+        description="VOILA: segment CT structures from their names; train and evaluate models.",
+    )
+    parser.add_argument("--version", action="version", version=f"voila {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"voila.commands.{name}")
+        sub = module.add_parser(subparsers)
+        sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except VoilaError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"voila {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"voila {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except Exception as error:  # unexpected: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"voila {args.command}: internal error: {type(error).__name__}: {error} "
+                "(re-run with --debug for the traceback and report it)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

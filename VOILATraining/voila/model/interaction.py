@@ -1,0 +1,65 @@
+"""Voxel–language interaction: classify every voxel by cosine similarity to text embeddings.
+
+Voxel tokens and projected text tokens live in one M-dimensional space (M = 32), both
+L2-normalised; ``logits = exp(logit_scale) · cos(voxel, text)``. Class 0 is background with its
+own learned embedding. The cost of one more class is one more row of an ``(N, M)`` matrix.
+
+Example::
+
+    head = VoxelLanguageHead(text_dim=512, token_dim=32)
+    embeddings = head.class_embeddings(clip_features)          # (N_fg, 512) -> (N_fg + 1, 32)
+    logits = head.logits(voxel_tokens, embeddings)              # (..., 32) -> (..., N_fg + 1)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class VoxelLanguageHead(nn.Module):
+    def __init__(self, text_dim: int, token_dim: int = 32) -> None:
+        super().__init__()
+        self.text_projection = nn.Linear(text_dim, token_dim)
+        self.background_embedding = nn.Parameter(torch.randn(token_dim) / math.sqrt(token_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def class_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP features of the foreground classes ``(N_fg, F)`` → unit embeddings ``(N_fg + 1, M)``,
+        background first."""
+        projected = self.text_projection(text_features.to(self.text_projection.weight.dtype))
+        return F.normalize(torch.cat([self.background_embedding[None], projected]), dim=-1)
+
+    def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Unit voxel tokens ``(..., M)`` and unit class embeddings ``(N, M)`` → logits ``(..., N)``."""
+        return self.scale() * voxel_tokens @ class_embeddings.t()
+
+
+class LinearClassificationHead(nn.Module):
+    """The paper's "w/o V-L interaction" ablation: a plain linear classifier over a fixed class list.
+
+    It ignores the text features except for their count; it cannot segment unseen prompts.
+    """
+
+    def __init__(self, num_classes: int, token_dim: int = 32) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(token_dim, num_classes)
+
+    def class_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
+        if text_features.shape[0] + 1 != self.classifier.out_features:
+            raise ValueError(
+                f"linear head was built for {self.classifier.out_features} classes, "
+                f"got {text_features.shape[0] + 1}"
+            )
+        return self.classifier.weight
+
+    def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        return voxel_tokens @ class_embeddings.t() + self.classifier.bias

@@ -1,0 +1,136 @@
+"""The VOILA network: voxel encoder + voxel–language head + CAS, and its training losses.
+
+Example::
+
+    model = VoilaModel(load_preset("tiny"), text_dim=512)
+    tokens, heatmap = model(ct)                 # (B, 32, D, H, W) unit tokens, (B, 1, D, H, W)
+    losses = model.losses(ct, labels, class_features, annotated)
+    losses.total.backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from voila.model.cas import ComplexityVAE, complexity_target, select_voxels
+from voila.model.config import ModelConfig
+from voila.model.interaction import LinearClassificationHead, VoxelLanguageHead
+from voila.model.losses import kl_divergence, marginal_cross_entropy, voxel_f1_loss
+from voila.model.voxel_encoder import VoxelEncoder
+
+
+@dataclass
+class VoilaLosses:
+    """Scalar losses of one step and the maps behind them (for the paper's Fig. 4 view)."""
+
+    total: torch.Tensor
+    cross_entropy: torch.Tensor
+    f1: torch.Tensor
+    cas_mse: torch.Tensor
+    cas_kld: torch.Tensor
+    heatmap: torch.Tensor  # (B, 1, D, H, W) CAS prediction used for sampling (detached)
+    target: torch.Tensor  # (B, 1, D, H, W) complexity target
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            "loss": float(self.total.detach()),
+            "ce": float(self.cross_entropy.detach()),
+            "f1": float(self.f1.detach()),
+            "cas_mse": float(self.cas_mse.detach()),
+            "cas_kld": float(self.cas_kld.detach()),
+        }
+
+
+class VoilaModel(nn.Module):
+    """``num_classes`` (background included) is needed only by the linear-head ablation."""
+
+    def __init__(self, config: ModelConfig, text_dim: int = 512, num_classes: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.text_dim = text_dim
+        self.voxel_encoder = VoxelEncoder(config)
+        if config.head == "linear":
+            if not num_classes:
+                raise ValueError("the linear head needs num_classes")
+            self.head: nn.Module = LinearClassificationHead(num_classes, config.token_dim)
+        else:
+            self.head = VoxelLanguageHead(text_dim, config.token_dim)
+        self.cas = ComplexityVAE(config.cas)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def voxel_tokens(self, ct: torch.Tensor) -> torch.Tensor:
+        """CT ``(B, 1, D, H, W)`` → unit voxel tokens ``(B, M, D, H, W)``."""
+        return F.normalize(self.voxel_encoder(ct), dim=1)
+
+    def class_embeddings(self, class_features: torch.Tensor) -> torch.Tensor:
+        """Foreground CLIP features ``(N - 1, F)`` → class embeddings ``(N, M)`` (background first)."""
+        return self.head.class_embeddings(class_features)
+
+    def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Unit tokens ``(..., M)`` → logits ``(..., N)``."""
+        return self.head.logits(voxel_tokens, class_embeddings)
+
+    def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: unit voxel tokens ``(B, M, D, H, W)`` and the complexity heatmap ``(B, 1, D, H, W)``."""
+        return self.voxel_tokens(ct), self.cas.sample(ct, deterministic=True)
+
+    def losses(
+        self,
+        ct: torch.Tensor,
+        labels: torch.Tensor,
+        class_features: torch.Tensor,
+        annotated: torch.Tensor,
+        sampling: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> VoilaLosses:
+        """Training losses for CT ``(B, 1, D, H, W)``, labels ``(B, D, H, W)`` (class indices,
+        0 = background), foreground CLIP features ``(N - 1, F)`` and ``annotated`` ``(B, N)``."""
+        cfg = self.config
+        mode = sampling or cfg.sampling.mode
+        batch, shape = ct.shape[0], tuple(ct.shape[2:])
+        tokens = self.voxel_tokens(ct).flatten(2)  # (B, M, V)
+        embeddings = self.class_embeddings(class_features)
+
+        with torch.no_grad():
+            heatmap = self.cas.sample(ct, deterministic=False) if mode == "cas" else None
+        selection = select_voxels(
+            heatmap, mode, cfg.sampling.ratio, cfg.sampling.oversampling, shape, batch, ct.device, generator
+        )
+        flat_labels = labels.reshape(batch, -1)
+
+        def gather(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            picked = tokens.gather(2, indices[:, None, :].expand(-1, tokens.shape[1], -1))
+            return self.logits(picked.transpose(1, 2), embeddings), flat_labels.gather(1, indices)
+
+        logits, target = gather(selection.loss_indices)  # (B, K, N), (B, K)
+        row_annotated = annotated[:, None, :].expand(-1, logits.shape[1], -1).reshape(-1, logits.shape[-1])
+        logits_2d, target_1d = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+        cross_entropy = marginal_cross_entropy(logits_2d, target_1d, row_annotated)
+        f1 = voxel_f1_loss(logits_2d, target_1d, row_annotated)
+
+        with torch.no_grad():
+            if selection.target_indices is selection.loss_indices:
+                target_logits, target_labels = logits.detach(), target
+            else:
+                target_logits, target_labels = gather(selection.target_indices)
+            target_annotated = annotated[:, None, :].expand(-1, target_logits.shape[1], -1)
+            probabilities = target_logits.float().masked_fill(~target_annotated, float("-inf")).softmax(-1)
+            true_probability = probabilities.gather(2, target_labels[..., None])[..., 0]
+            complexity = complexity_target(
+                true_probability, selection.target_indices, shape, cfg.cas.target_sigma
+            )
+
+        reconstruction, mean, log_variance = self.cas(complexity, ct)
+        cas_mse = F.mse_loss(reconstruction, complexity)
+        cas_kld = kl_divergence(mean, log_variance)
+        total = cross_entropy + f1 + cas_mse + cfg.cas.kld_weight * cas_kld
+        blank = torch.zeros_like(complexity)
+        return VoilaLosses(
+            total, cross_entropy, f1, cas_mse, cas_kld, heatmap if heatmap is not None else blank, complexity
+        )
