@@ -15,7 +15,7 @@ import traceback
 from voila import __version__
 from voila.errors import VoilaError
 
-SUBCOMMANDS = ("info",)
+SUBCOMMANDS = ("info", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Callable, Union
 
 from voila.errors import InputImageError
 from voila.evaluate.metrics import compute_metrics, spacing_from_affine
@@ -83,7 +84,12 @@ def evaluate(
         ref_case = LoadedCase(ref_files, naming)
         pred_case = LoadedCase(pred_files, naming)
         check_same_grid(
-            pred_files.location, pred_case.shape, pred_case.affine, ref_files.location, ref_case.shape, ref_case.affine
+            pred_files.location,
+            pred_case.shape,
+            pred_case.affine,
+            ref_files.location,
+            ref_case.shape,
+            ref_case.affine,
         )
         spacing = spacing_from_affine(ref_case.affine)
         for name in class_order:
@@ -112,10 +118,18 @@ def _score_class(
     pred_region = pred_case.region(name)
     region = ref_region
     if pred_region is not None:
-        region = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(ref_region, pred_region))
-    metrics = compute_metrics(pred_case.mask(name, region), ref_case.mask(name, region), spacing, tolerance_mm)
+        region = tuple(
+            slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(ref_region, pred_region)
+        )
+    metrics = compute_metrics(
+        pred_case.mask(name, region), ref_case.mask(name, region), spacing, tolerance_mm
+    )
     hd95_mm = metrics.hd95_mm if math.isfinite(metrics.hd95_mm) else float("nan")
-    return [CaseClassResult(case, name, metrics.dice, metrics.nsd, hd95_mm, metrics.ref_voxels, metrics.pred_voxels)]
+    return [
+        CaseClassResult(
+            case, name, metrics.dice, metrics.nsd, hd95_mm, metrics.ref_voxels, metrics.pred_voxels
+        )
+    ]
 
 
 def _pair_cases(pred_cases: list[CaseFiles], ref_cases: list[CaseFiles]) -> list[tuple[CaseFiles, CaseFiles]]:
