@@ -1,0 +1,89 @@
+"""The module's Python and its .ui file agree, checked without Qt (ast + XML)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "VOILASegmenter" / "VOILASegmenter.py"
+UI_FILE = REPO / "VOILASegmenter" / "Resources" / "UI" / "VOILASegmenter.ui"
+MODULE_CMAKE = REPO / "VOILASegmenter" / "CMakeLists.txt"
+
+
+def ui_widgets() -> dict[str, ElementTree.Element]:
+    root = ElementTree.parse(UI_FILE).getroot()
+    return {widget.get("name"): widget for widget in root.iter("widget")}
+
+
+def used_ui_names() -> set[str]:
+    """Every ``self.ui.<name>`` attribute the module reads or writes."""
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
+            names.add(node.attr)
+    return names
+
+
+def parameter_names() -> set[str]:
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "VOILASegmenterParameterNode":
+            return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+    raise AssertionError("VOILASegmenterParameterNode not found")
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui_file():
+    missing = used_ui_names() - set(ui_widgets())
+    assert not missing, f"used in VOILASegmenter.py but absent from the .ui: {sorted(missing)}"
+
+
+def test_the_module_uses_the_widgets_it_needs():
+    used = used_ui_names()
+    for name in ("applyButton", "promptsLineEdit", "progressBar", "statusLabel", "resultsTableWidget"):
+        assert name in used
+
+
+def test_every_bound_widget_names_an_existing_parameter():
+    parameters = parameter_names()
+    for name, widget in ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.find("string").text in parameters, name
+
+
+def test_every_parameter_is_bound_to_a_widget_or_handled_in_code():
+    bound = {
+        prop.find("string").text
+        for widget in ui_widgets().values()
+        for prop in widget.findall("property")
+        if prop.get("name") == "SlicerParameterName"
+    }
+    source = MODULE.read_text(encoding="utf-8")
+    for parameter in parameter_names() - bound:
+        assert re.search(rf"_parameterNode\.{parameter}\s*=", source), parameter
+
+
+def test_the_result_table_has_the_five_documented_columns():
+    table = ui_widgets()["resultsTableWidget"]
+    headers = [column.find("property/string").text for column in table.findall("column")]
+    assert headers == ["Structure", "Colour", "Volume (ml)", "Confidence", "Found"]
+
+
+def test_every_module_script_and_resource_is_listed_in_cmake():
+    cmake = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "VOILASegmenter")
+    module_dir = MODULE.parent
+    for path in sorted(module_dir.glob("VOILASegmenterLib/*.py")) + [MODULE]:
+        assert path.relative_to(module_dir).as_posix() in cmake, path.name
+    for path in sorted((module_dir / "Resources").rglob("*")):
+        if path.is_file():
+            assert path.relative_to(module_dir).as_posix() in cmake, path.name

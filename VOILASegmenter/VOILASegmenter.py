@@ -1,0 +1,638 @@
+"""VOILASegmenter: segment CT structures by typing their names (VOILA, AAAI 2025).
+
+The widget is a thin shell: everything that touches voxels lives in ``VOILASegmenterLib``
+(GUI-free, usable from the Python console) and in the ``voila`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Offered in the pick-list; any other name can be typed (the completer knows the whole vocabulary).
+COMMON_STRUCTURES = (
+    "liver",
+    "spleen",
+    "pancreas",
+    "stomach",
+    "gallbladder",
+    "left kidney",
+    "right kidney",
+    "aorta",
+    "inferior vena cava",
+    "urinary bladder",
+    "heart",
+    "esophagus",
+    "colon",
+    "small bowel",
+    "duodenum",
+    "left lung upper lobe",
+    "right lung lower lobe",
+    "trachea",
+    "L1 vertebra",
+    "sacrum",
+)
+CUSTOM_MODEL = "custom"
+
+# An installed extension carries the shared Resources (vocabulary, demo model) next to the module;
+# tell `voila` where they are. A source checkout leaves voila to find the repository's Resources/.
+_MODULE_RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources")
+if os.path.isdir(os.path.join(_MODULE_RESOURCES, "Vocabulary")):
+    os.environ.setdefault("VOILA_RESOURCES", _MODULE_RESOURCES)
+POLL_INTERVAL_MS = 200
+
+
+class VOILASegmenter(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("VOILA Segmenter")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["VOILA for 3D Slicer contributors"]
+        self.parent.helpText = _(
+            """Segment structures in a CT volume by typing their names (for example <i>liver, spleen,
+left kidney</i>). Names of structures the model was trained on are matched to the model's vocabulary
+(synonyms, side words and abbreviations are understood); other text is tried as an open-vocabulary
+prompt. Each found structure becomes a segment with standard colour and DICOM/SNOMED terminology.
+The <b>complexity heatmap</b> shows where the model found classification hard: review those regions
+first.<br><br>
+Train a model on your own labelled CTs from the Python console:
+<pre>
+import voila
+voila.train("my_training.yaml")   # writes a .safetensors model file
+</pre>
+then choose <i>Custom model file</i> under <b>Model and device</b>.
+See <a href="https://github.com/voila-slicer/SlicerVOILA">the project page</a>. Not for clinical use."""
+        )
+        self.parent.acknowledgementText = _(
+            """Based on VOILA: Complexity-Aware Universal Segmentation of CT images by Voxel Interacting
+with Language (Wan, Gao, Pang, Ding; AAAI 2025). Vocabulary, colours and terminology follow
+TotalSegmentator (Wasserthal et al., Radiology: AI 2023). Built on MONAI, PyTorch and open_clip."""
+        )
+
+
+@parameterNodeWrapper
+class VOILASegmenterParameterNode:
+    """The module's settings; saved with the scene.
+
+    inputVolume: CT to segment. prompts: comma-separated structure names. model: registry name or
+    "custom"; modelPath: the custom .safetensors file. device: "auto", "cpu", "cuda:0", "mps".
+    overlap: sliding-window overlap. outputSegmentation/heatmapVolume: results (created when empty).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    prompts: str = "liver, spleen, left kidney"
+    model: str = ""
+    modelPath: str = ""
+    device: str = "auto"
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    outputSegmentation: vtkMRMLSegmentationNode
+    heatmapVolume: vtkMRMLScalarVolumeNode
+    showHeatmap: bool = True
+    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+
+
+def _formatSeconds(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.job = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._modelEntries = []
+        self._librariesReady = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollJob)
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VOILASegmenter.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.ui.commonStructuresComboBox.addItem(_("Add a common structure..."))
+        self.ui.commonStructuresComboBox.addItems(list(COMMON_STRUCTURES))
+        self.ui.progressBar.setVisible(False)
+        self.ui.resultsTableWidget.setVisible(False)
+        self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.commonStructuresComboBox.connect("activated(int)", self.onCommonStructureChosen)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.showHeatmapCheckBox.connect("toggled(bool)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapOpacitySliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapColorTableComboBox.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.onHeatmapColorChanged
+        )
+
+        self._setUpLibraries()
+        self.initializeParameterNode()
+
+    def _setUpLibraries(self) -> bool:
+        """Import the logic if its Python packages are present; otherwise say what Segment will do."""
+        try:
+            from VOILASegmenterLib.environment import missing_packages
+
+            missing = missing_packages()
+            if missing:
+                self.ui.statusLabel.text = _(
+                    "First use: {packages} will be installed when you press Segment (you will be asked first)."
+                ).format(packages=", ".join(missing))
+                return False
+            from VOILASegmenterLib.logic import VOILASegmenterLogic
+        except ImportError as error:
+            self.ui.statusLabel.text = _("Cannot load VOILA: {error}").format(error=error)
+            return False
+        if self.logic is None:
+            self.logic = VOILASegmenterLogic()
+        self._populateModels()
+        self._populateDevices()
+        self._populateCompleter()
+        self._librariesReady = True
+        return True
+
+    def _populateModels(self) -> None:
+        from VOILASegmenterLib import models
+
+        self._modelEntries = models.load_registry()
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for entry in self._modelEntries:
+            self.ui.modelComboBox.addItem(entry.name, entry.name)
+        self.ui.modelComboBox.addItem(_("Custom model file"), CUSTOM_MODEL)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+
+    def _populateDevices(self) -> None:
+        from VOILASegmenterLib.environment import device_choices
+
+        wasBlocked = self.ui.deviceComboBox.blockSignals(True)
+        self.ui.deviceComboBox.clear()
+        for device, label in device_choices():
+            self.ui.deviceComboBox.addItem(label, device)
+        self.ui.deviceComboBox.blockSignals(wasBlocked)
+
+    def _populateCompleter(self) -> None:
+        """Complete the word being typed after the last comma from every name the vocabulary knows."""
+        from voila.vocabulary import Vocabulary
+
+        try:
+            vocabulary = Vocabulary.load()
+        except Exception as error:
+            logging.warning(f"VOILA: vocabulary not available for completion: {error}")
+            return
+        words = set()
+        for structure in vocabulary:
+            words.add(structure.display_name)
+            words.update(structure.synonyms)
+        self._completer = qt.QCompleter(sorted(words, key=str.lower))
+        self._completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        self._completer.setFilterMode(qt.Qt.MatchContains)
+        self._completer.setWidget(self.ui.promptsLineEdit)
+        self._completer.connect("activated(QString)", self.onCompletionChosen)
+        self.ui.promptsLineEdit.connect("textEdited(QString)", self.onPromptsEdited)
+
+    # --- parameter node ------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        self._timer.stop()
+        if self.job is not None:
+            self.job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.job is not None:
+            self.job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+        self.setParameterNode(VOILASegmenterParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume and not firstVolume.GetAttribute("VOILA.ComplexityHeatmap"):
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode: Optional[VOILASegmenterParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._restoreChoices()
+            self._updateGui()
+
+    def _restoreChoices(self) -> None:
+        node = self._parameterNode
+        modelIndex = self.ui.modelComboBox.findData(node.model) if node.model else 0
+        self.ui.modelComboBox.setCurrentIndex(max(modelIndex, 0))
+        self.ui.modelPathLineEdit.currentPath = node.modelPath
+        deviceIndex = self.ui.deviceComboBox.findData(node.device)
+        self.ui.deviceComboBox.setCurrentIndex(max(deviceIndex, 0))
+        self.onModelChanged()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        running = self.job is not None
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = _("Segment")
+            ready = bool(node and node.inputVolume and node.prompts.strip())
+            self.ui.applyButton.enabled = ready
+            self.ui.applyButton.toolTip = (
+                _("Segment the listed structures.")
+                if ready
+                else _("Select a CT volume and type structure names.")
+            )
+        custom = self.ui.modelComboBox.currentData == CUSTOM_MODEL
+        self.ui.modelPathLineEdit.setVisible(custom)
+        self.ui.modelPathLabel.setVisible(custom)
+        heatmap = node.heatmapVolume if node else None
+        self.ui.heatmapColorTableComboBox.enabled = heatmap is not None
+        if heatmap is not None and heatmap.GetDisplayNode():
+            wasBlocked = self.ui.heatmapColorTableComboBox.blockSignals(True)
+            self.ui.heatmapColorTableComboBox.setCurrentNode(heatmap.GetDisplayNode().GetColorNode())
+            self.ui.heatmapColorTableComboBox.blockSignals(wasBlocked)
+
+    # --- prompts ---------------------------------------------------------------------------------
+
+    def _currentWord(self, text: str) -> str:
+        return text.split(",")[-1].strip()
+
+    def onPromptsEdited(self, text: str) -> None:
+        word = self._currentWord(text)
+        if len(word) < 2:
+            self._completer.popup().hide()
+            return
+        self._completer.setCompletionPrefix(word)
+        self._completer.complete()
+
+    def onCompletionChosen(self, completion: str) -> None:
+        parts = self.ui.promptsLineEdit.text.split(",")[:-1]
+        parts.append(completion)
+        self._setPrompts(", ".join(part.strip() for part in parts if part.strip()))
+
+    def onCommonStructureChosen(self, index: int) -> None:
+        if index <= 0:
+            return
+        name = self.ui.commonStructuresComboBox.itemText(index)
+        current = [part.strip() for part in self.ui.promptsLineEdit.text.split(",") if part.strip()]
+        if name.lower() not in (part.lower() for part in current):
+            current.append(name)
+        self._setPrompts(", ".join(current))
+        self.ui.commonStructuresComboBox.setCurrentIndex(0)
+
+    def _setPrompts(self, text: str) -> None:
+        self.ui.promptsLineEdit.text = text
+        if self._parameterNode:
+            self._parameterNode.prompts = text
+
+    # --- model and device ------------------------------------------------------------------------
+
+    def _selectedEntry(self):
+        name = self.ui.modelComboBox.currentData
+        return next((entry for entry in self._modelEntries if entry.name == name), None)
+
+    def onModelChanged(self, index=None) -> None:
+        if self._parameterNode and self.ui.modelComboBox.currentData is not None:
+            self._parameterNode.model = self.ui.modelComboBox.currentData
+        self._updateGui()
+        self._showModelCard()
+
+    def onModelPathChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = path
+        self._showModelCard()
+
+    def onDeviceChanged(self, index: int) -> None:
+        device = self.ui.deviceComboBox.currentData or "auto"
+        if self._parameterNode:
+            self._parameterNode.device = device
+        hints = {
+            "auto": _("Uses the first GPU if PyTorch sees one, otherwise the CPU."),
+            "cpu": _("Works everywhere; a full-body CT takes minutes. Needs about 4 GB of free RAM."),
+        }
+        self.ui.deviceHintLabel.text = hints.get(
+            device, _("GPU: seconds per CT. About 4 GB of GPU memory is enough for the default quality.")
+        )
+
+    def _modelPathIfAvailable(self):
+        """The selected model file if it is already on this computer (no download)."""
+        if self.ui.modelComboBox.currentData == CUSTOM_MODEL:
+            path = self.ui.modelPathLineEdit.currentPath
+            return path or None
+        entry = self._selectedEntry()
+        if entry is None:
+            return None
+        from VOILASegmenterLib import models
+
+        return models.cached_model_path(entry, self._modelCacheDir())
+
+    def _modelCacheDir(self) -> str:
+        return os.path.join(slicer.app.cachePath, "VOILA", "models")
+
+    def _showModelCard(self) -> None:
+        if not self._librariesReady:
+            return
+        entry = self._selectedEntry()
+        path = self._modelPathIfAvailable()
+        if path is None:
+            self.ui.modelCardLabel.text = (
+                entry.description + "\n" + _("Will be downloaded when you first press Segment.")
+                if entry is not None
+                else _("Choose a .safetensors model file.")
+            )
+            return
+        from voila.errors import VoilaError
+        from VOILASegmenterLib import models
+
+        try:
+            self.ui.modelCardLabel.text = models.describe_card(models.model_card(path))
+        except VoilaError as error:
+            self.ui.modelCardLabel.text = str(error)
+
+    def _resolveModelPath(self):
+        """Path of the model to run, downloading a registered model after the user agreed."""
+        if self.ui.modelComboBox.currentData == CUSTOM_MODEL:
+            path = self.ui.modelPathLineEdit.currentPath
+            if not path:
+                raise ValueError(_("choose a model file (.safetensors) or select a registered model"))
+            return path
+        entry = self._selectedEntry()
+        if entry is None:
+            return None
+        from VOILASegmenterLib import models
+
+        def consent(entry) -> bool:
+            return slicer.util.confirmOkCancelDisplay(
+                _("Download the VOILA model '{name}' (licence: {licence})?\n{url}").format(
+                    name=entry.name, licence=entry.license, url=entry.url
+                )
+            )
+
+        with slicer.util.WaitCursor():
+            return str(models.download_model(entry, self._modelCacheDir(), consent))
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def _ensureDependencies(self) -> bool:
+        if self._librariesReady:
+            return True
+        from VOILASegmenterLib.environment import DependencyError, install_dependencies
+
+        try:
+            with slicer.util.WaitCursor():
+                installed = install_dependencies(
+                    lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("VOILA setup"))
+                )
+        except DependencyError as error:
+            slicer.util.errorDisplay(str(error))
+            return False
+        if not installed:
+            self.ui.statusLabel.text = _("VOILA cannot run without its Python packages.")
+            return False
+        return self._setUpLibraries()
+
+    def onApplyButton(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            self.ui.applyButton.enabled = False
+            return
+        if not self._ensureDependencies():
+            return
+        from voila.errors import VoilaError
+
+        node = self._parameterNode
+        try:
+            modelPath = self._resolveModelPath()
+            self.job = self.logic.process(
+                node.inputVolume,
+                node.prompts,
+                node.outputSegmentation,
+                heatmapVolume=node.heatmapVolume,
+                modelPath=modelPath,
+                device=node.device,
+                progress=self.onProgress,
+                waitForCompletion=False,
+                overlap=node.overlap,
+                showHeatmap=node.showHeatmap,
+                heatmapOpacity=node.heatmapOpacity,
+            )
+        except (VoilaError, ValueError) as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setVisible(True)
+        self.ui.statusLabel.text = _("Starting...")
+        self._timer.start()
+        self._updateGui()
+
+    def onProgress(self, fraction: float, stage: str) -> None:
+        self.ui.progressBar.value = int(fraction * 1000)
+        job = self.job
+        if job is None:
+            return
+        self.ui.statusLabel.text = _("{stage}: {percent}% - {elapsed} elapsed, about {eta} left").format(
+            stage=_(stage),
+            percent=int(fraction * 100),
+            elapsed=_formatSeconds(job.elapsedSeconds),
+            eta=_formatSeconds(job.etaSeconds),
+        )
+
+    def onPollJob(self) -> None:
+        job = self.job
+        if job is None:
+            self._timer.stop()
+            return
+        from voila.errors import Cancelled, VoilaError
+
+        try:
+            outcome = job.poll()
+        except Cancelled:
+            self._jobEnded(_("Cancelled; nothing was changed."))
+            return
+        except VoilaError as error:
+            self._jobEnded(_("Failed: {error}").format(error=error))
+            slicer.util.errorDisplay(str(error))
+            return
+        except Exception as error:
+            logging.exception("VOILA segmentation failed")
+            self._jobEnded(_("Failed: {error}").format(error=error))
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+            return
+        if outcome is None:
+            return
+        self._parameterNode.outputSegmentation = outcome.segmentation
+        if outcome.heatmap is not None:
+            self._parameterNode.heatmapVolume = outcome.heatmap
+        found = sum(1 for record in outcome.segments if record.found)
+        message = _("{found} of {total} structures found in {time}.").format(
+            found=found, total=len(outcome.segments), time=_formatSeconds(outcome.elapsedSeconds)
+        )
+        if outcome.messages:
+            message += " " + "; ".join(outcome.messages)
+        self._jobEnded(message)
+        self._showResults(outcome)
+
+    def _jobEnded(self, message: str) -> None:
+        self._timer.stop()
+        self.job = None
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = message
+        self._updateGui()
+
+    def _showResults(self, outcome) -> None:
+        table = self.ui.resultsTableWidget
+        table.setRowCount(len(outcome.segments))
+        for row, record in enumerate(outcome.segments):
+            colour = qt.QTableWidgetItem()
+            colour.setBackground(qt.QBrush(qt.QColor(*record.color)))
+            cells = [
+                qt.QTableWidgetItem(record.name + (" " + _("(free text)") if record.openVocabulary else "")),
+                colour,
+                qt.QTableWidgetItem(f"{record.volumeMl:.1f}" if record.found else "-"),
+                qt.QTableWidgetItem(f"{record.confidence:.2f}" if record.found else "-"),
+                qt.QTableWidgetItem(_("yes") if record.found else _("no")),
+            ]
+            if record.note:
+                cells[0].setToolTip(record.note)
+            for column, cell in enumerate(cells):
+                table.setItem(row, column, cell)
+        table.setVisible(True)
+
+    # --- heatmap display -------------------------------------------------------------------------
+
+    def onHeatmapDisplayChanged(self, *args) -> None:
+        node = self._parameterNode
+        if not node or not node.heatmapVolume or not node.inputVolume:
+            return
+        from VOILASegmenterLib import mrml_io
+
+        if self.ui.showHeatmapCheckBox.checked:
+            mrml_io.show_heatmap(
+                slicer.mrmlScene,
+                node.inputVolume,
+                node.heatmapVolume,
+                self.ui.heatmapOpacitySliderWidget.value,
+            )
+        else:
+            mrml_io.hide_heatmap(slicer.mrmlScene, node.heatmapVolume)
+
+    def onHeatmapColorChanged(self, colorNode) -> None:
+        node = self._parameterNode
+        if colorNode is None or not node or not node.heatmapVolume or not node.heatmapVolume.GetDisplayNode():
+            return
+        node.heatmapVolume.GetDisplayNode().SetAndObserveColorNodeID(colorNode.GetID())
+
+
+class VOILASegmenterTest(ScriptedLoadableModuleTest):
+    """The slicer-core test flow (Testing/slicer/test_logic_mrml.py) inside the real application."""
+
+    PROMPTS = ["liver", "spleen", "left kidney"]
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segments_sample_ct()
+        self.setUp()
+        self.test_non_blocking_run_and_cancel()
+
+    def _loadSampleCT(self):
+        from VOILASegmenterLib.models import resources_dirs
+
+        relative = os.path.join("SampleData", "totalseg-example", "example_ct.nii.gz")
+        for folder in resources_dirs():
+            path = os.path.join(str(folder), relative)
+            if os.path.isfile(path):
+                return slicer.util.loadVolume(path)
+        raise RuntimeError(f"sample CT {relative} is missing from the extension's Resources")
+
+    def test_segments_sample_ct(self):
+        self.delayDisplay("Segmenting the sample CT")
+        from VOILASegmenterLib.logic import VOILASegmenterLogic
+        from VOILASegmenterLib.mrml_io import segment_terminology
+
+        ct = self._loadSampleCT()
+        outcome = VOILASegmenterLogic().process(ct, self.PROMPTS, None)
+        segmentation = outcome.segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+        self.assertEqual(
+            [segmentation.GetSegment(r.segmentId).GetName() for r in outcome.segments],
+            ["liver", "spleen", "left kidney"],
+        )
+        self.assertIn(
+            "SCT^10200004^Liver", segment_terminology(segmentation.GetSegment(outcome.segments[0].segmentId))
+        )
+        self.assertEqual(outcome.heatmap.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
+        self.delayDisplay("Sample CT segmented")
+
+    def test_non_blocking_run_and_cancel(self):
+        self.delayDisplay("Non-blocking run, then cancel")
+        from voila.errors import Cancelled
+        from VOILASegmenterLib.logic import VOILASegmenterLogic
+
+        ct = self._loadSampleCT()
+        logic = VOILASegmenterLogic()
+        job = logic.process(ct, self.PROMPTS, None, waitForCompletion=False)
+        outcome = job.finish()
+        self.assertEqual(outcome.segmentation.GetSegmentation().GetNumberOfSegments(), 3)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.process(ct, self.PROMPTS, None, waitForCompletion=False)
+        job.cancel()
+        with self.assertRaises(Cancelled):
+            job.finish()
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Non-blocking run and cancel passed")

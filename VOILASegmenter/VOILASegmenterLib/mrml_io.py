@@ -1,0 +1,283 @@
+"""MRML nodes <-> numpy: the only place where the module touches voxel geometry.
+
+A scalar volume node gives ``(array, affine)`` in `voila`'s convention: ``array`` is Slicer's
+``[k, j, i]`` voxel array (no transposed copy) and ``affine`` maps ``(k, j, i, 1)`` to world RAS,
+i.e. the node's IJK->RAS matrix, hardened with its parent transform, with its first and third
+columns swapped. Results come back on that same ``[k, j, i]`` grid and are written into
+segments and a heatmap volume that share the input's IJK->RAS matrix and parent transform.
+
+Everything here runs on the main thread and only uses the scene the nodes belong to
+(``node.GetScene()``), never a global ``slicer.mrmlScene``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from voila.errors import InputImageError, VoilaError
+from vtk.util import numpy_support
+
+# Swaps the first and third voxel axes: (k, j, i, 1) -> (i, j, k, 1).
+KJI_TO_IJK = np.array(
+    [[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+PROMPT_TAG = "VOILA.Prompt"
+CONFIDENCE_TAG = "VOILA.Confidence"
+HEATMAP_ATTRIBUTE = "VOILA.ComplexityHeatmap"
+HEATMAP_COLOR_NAME = "VOILA Complexity"
+
+CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+# A perceptually uniform dark-to-bright ramp (matplotlib's "inferno" sampled at 9 stops), so the
+# heatmap reads the same in Slicer builds without the Colors module's file-based tables.
+_INFERNO_STOPS = (
+    (0.000, 0.001, 0.000, 0.014),
+    (0.125, 0.110, 0.047, 0.271),
+    (0.250, 0.258, 0.039, 0.407),
+    (0.375, 0.416, 0.094, 0.433),
+    (0.500, 0.578, 0.148, 0.404),
+    (0.625, 0.735, 0.216, 0.330),
+    (0.750, 0.865, 0.317, 0.226),
+    (0.875, 0.954, 0.469, 0.100),
+    (1.000, 0.988, 0.998, 0.645),
+)
+
+
+def vtk_matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def array_to_vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    """The node's own IJK->RAS matrix (parent transforms not applied), ``(4, 4)``."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return vtk_matrix_to_array(matrix)
+
+
+def ijk_to_world(volume_node) -> np.ndarray:
+    """IJK->world RAS with the parent transform hardened into it; non-linear transforms are refused."""
+    matrix = ijk_to_ras(volume_node)
+    transform_node = volume_node.GetParentTransformNode()
+    if transform_node is None:
+        return matrix
+    if not transform_node.IsTransformToWorldLinear():
+        raise InputImageError(
+            f"volume '{volume_node.GetName()}' is under a non-linear transform "
+            f"('{transform_node.GetName()}'); harden the transform (Data module, right-click) and run again"
+        )
+    to_world = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(to_world)
+    return vtk_matrix_to_array(to_world) @ matrix
+
+
+def volume_to_numpy(volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """``(array [k, j, i], affine (k, j, i, 1) -> world RAS)``; the array is a copy the caller owns."""
+    image_data = volume_node.GetImageData() if volume_node is not None else None
+    if image_data is None or image_data.GetPointData().GetScalars() is None:
+        name = volume_node.GetName() if volume_node is not None else "(none)"
+        raise InputImageError(f"volume '{name}' has no voxels; load a CT volume and select it as input")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise InputImageError(
+            f"volume '{volume_node.GetName()}' has {image_data.GetNumberOfScalarComponents()} components; "
+            "select a single-channel CT volume"
+        )
+    shape = tuple(reversed(image_data.GetDimensions()))
+    array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(shape).copy()
+    return array, ijk_to_world(volume_node) @ KJI_TO_IJK
+
+
+def _oriented_image(array_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> slicer.vtkOrientedImageData:
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*reversed(array_kji.shape))
+    vtk_type = numpy_support.get_vtk_array_type(array_kji.dtype)
+    image.AllocateScalars(vtk_type, 1)
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array_kji.shape)
+    voxels[:] = array_kji
+    image.SetImageToWorldMatrix(array_to_vtk_matrix(ijk_to_ras_matrix))
+    return image
+
+
+def _code(entry: dict | None) -> str:
+    if not entry:
+        return "^^"
+    return f"{entry.get('scheme', '')}^{entry.get('code', '')}^{entry.get('meaning', '')}"
+
+
+def terminology_string(terminology: dict | None) -> str | None:
+    """Slicer's serialized terminology entry for a vocabulary structure's DICOM codes, or ``None``.
+
+    ``terminology`` maps ``category``, ``type``, ``type_modifier``, ``anatomic_region``,
+    ``anatomic_region_modifier`` to ``{"scheme", "code", "meaning"}`` (``voila.vocabulary``).
+    """
+    if not terminology or not terminology.get("type"):
+        return None
+    return "~".join(
+        [
+            CATEGORY_CONTEXT,
+            _code(terminology.get("category")),
+            _code(terminology.get("type")),
+            _code(terminology.get("type_modifier")),
+            ANATOMIC_CONTEXT,
+            _code(terminology.get("anatomic_region")),
+            _code(terminology.get("anatomic_region_modifier")),
+        ]
+    )
+
+
+def set_segment_terminology(segment, terminology_entry: str) -> None:
+    """Slicer >= 5.7 has ``vtkSegment.SetTerminology``; older releases keep it in a tag."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(terminology_entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry)
+
+
+def segment_terminology(segment) -> str:
+    if hasattr(segment, "GetTerminology"):
+        return segment.GetTerminology()
+    value = vtk.reference("")
+    segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
+def segment_ids_by_prompt(segmentation_node) -> dict[str, str]:
+    """``{prompt key: segment ID}`` of segments this module wrote earlier."""
+    segmentation = segmentation_node.GetSegmentation()
+    found = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        key = vtk.reference("")
+        if segment.GetTag(PROMPT_TAG, key):
+            found[str(key)] = segmentation.GetNthSegmentID(index)
+    return found
+
+
+def prepare_segmentation(segmentation_node, input_volume) -> None:
+    """Geometry, display, parent transform and subject-hierarchy place follow the input volume."""
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_volume)
+    segmentation_node.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
+    place_next_to(segmentation_node, input_volume)
+
+
+def write_segment(
+    segmentation_node,
+    segment_id: str | None,
+    mask_kji: np.ndarray,
+    ijk_to_ras_matrix,
+    *,
+    name,
+    color,
+    prompt_key,
+    terminology_entry,
+    confidence,
+) -> str:
+    """Create or replace (same ID, same place in the list) one segment from a ``[k, j, i]`` mask."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_id is None or segmentation.GetSegment(segment_id) is None:
+        segment_id = segmentation.AddEmptySegment("", name, [c / 255.0 for c in color])
+    segment = segmentation.GetSegment(segment_id)
+    segment.SetName(name)
+    segment.SetColor(*[c / 255.0 for c in color])
+    segment.SetTag(PROMPT_TAG, prompt_key)
+    segment.SetTag(CONFIDENCE_TAG, f"{confidence:.4f}")
+    if terminology_entry:
+        set_segment_terminology(segment, terminology_entry)
+    image = _oriented_image(mask_kji.astype(np.uint8, copy=False), ijk_to_ras_matrix)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise VoilaError(f"could not write segment '{name}' into '{segmentation_node.GetName()}'")
+    return segment_id
+
+
+def place_next_to(node, reference_node) -> None:
+    """Put ``node`` in the subject-hierarchy folder (study) of ``reference_node``, if the scene has one."""
+    scene = reference_node.GetScene()
+    sh = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene else None
+    if sh is None:
+        return
+    reference_item = sh.GetItemByDataNode(reference_node)
+    if not reference_item:
+        return
+    parent = sh.GetItemParent(reference_item)
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:
+        sh.CreateItem(parent, node)
+
+
+def heatmap_color_node(scene):
+    """The module's complexity colour table (one per scene, created on first use)."""
+    existing = scene.GetFirstNodeByName(HEATMAP_COLOR_NAME)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    color_node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", HEATMAP_COLOR_NAME)
+    color_node.SetTypeToUser()
+    color_node.SetNumberOfColors(256)
+    stops = np.array(_INFERNO_STOPS)
+    positions = np.linspace(0.0, 1.0, 256)
+    rgb = np.stack([np.interp(positions, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], axis=1)
+    for index, (r, g, b) in enumerate(rgb):
+        color_node.SetColor(index, f"{index / 255:.2f}", float(r), float(g), float(b), 1.0)
+    color_node.SetAttribute("Category", "VOILA")
+    return color_node
+
+
+def write_heatmap(heatmap_node, heatmap_kji: np.ndarray, input_volume) -> None:
+    """Fill a scalar volume node with the complexity heatmap on the input volume's grid."""
+    image = vtk.vtkImageData()
+    image.SetDimensions(*reversed(heatmap_kji.shape))
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(heatmap_kji.shape)
+    voxels[:] = heatmap_kji
+    heatmap_node.SetIJKToRASMatrix(array_to_vtk_matrix(ijk_to_ras(input_volume)))
+    heatmap_node.SetAndObserveImageData(image)
+    heatmap_node.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
+    heatmap_node.SetAttribute(HEATMAP_ATTRIBUTE, "1")
+    display = heatmap_node.GetDisplayNode()
+    if display is None:
+        heatmap_node.CreateDefaultDisplayNodes()
+        display = heatmap_node.GetDisplayNode()
+    if display.GetColorNode() is None or display.GetColorNodeID() in (None, "", "vtkMRMLColorTableNodeGrey"):
+        display.SetAndObserveColorNodeID(heatmap_color_node(heatmap_node.GetScene()).GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    place_next_to(heatmap_node, input_volume)
+
+
+def show_heatmap(scene, input_volume, heatmap_node, opacity: float) -> None:
+    """Heatmap as foreground over the input in every slice view the scene has (none: nothing to do)."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if not composite.GetBackgroundVolumeID():
+            composite.SetBackgroundVolumeID(input_volume.GetID())
+        composite.SetForegroundVolumeID(heatmap_node.GetID() if heatmap_node is not None else None)
+        composite.SetForegroundOpacity(float(opacity))
+
+
+def hide_heatmap(scene, heatmap_node) -> None:
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if heatmap_node is not None and composite.GetForegroundVolumeID() == heatmap_node.GetID():
+            composite.SetForegroundVolumeID(None)
+
+
+def node_in_scene(node) -> bool:
+    """False once the node was removed from its scene (the Python object may outlive it)."""
+    if node is None:
+        return False
+    scene = node.GetScene()
+    return scene is not None and scene.GetNodeByID(node.GetID()) is node
