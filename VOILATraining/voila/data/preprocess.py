@@ -1,0 +1,249 @@
+"""The one deterministic preprocessing, shared by training and inference, and the way back.
+
+Forward (:func:`deterministic_transforms`, :func:`preprocess_volume`): reorient to RAS, crop to the
+body, resample to the model spacing, clip and z-normalise the HU values with fixed CT statistics.
+Backward (:func:`resample_to_grid`): put values computed on the model grid onto any other grid,
+exactly through the two voxel→RAS affines, in bounded memory.
+
+>>> volume = preprocess_volume(ct, affine, PreprocessingConfig())
+>>> volume.image.shape                       # torch.float32 (1, D, H, W) on the model grid
+>>> labels = resample_to_grid(model_labels, volume.affine, ct.shape, affine, order=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    Lambdad,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from scipy import ndimage
+
+from voila.errors import ConfigError, InputImageError
+
+# Axis codes name the direction an axis points to: in RAS (nibabel's world) +x is the patient's
+# Right, +y Anterior, +z Superior; (start, end) letters of world x, y, z.
+RAS_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# Voxels of body context kept around the foreground box when cropping.
+CROP_MARGIN = 4
+# Target voxels per slab in resample_to_grid: 3 float64 coordinates each, ~50 MB per slab.
+_SLAB_VOXELS = 1 << 21
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """CT preprocessing: RAS orientation, 1.5 mm spacing, nnU-Net-style clip + z-score, body crop."""
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    orientation: str = "RAS"
+    intensity_min: float = -1003.0
+    intensity_max: float = 1546.0
+    mean: float = -104.44
+    std: float = 505.35
+    foreground_threshold: float = -500.0
+
+    def normalise(self, hu: float) -> float:
+        """The model-space value of a Hounsfield value ``hu`` (after clipping)."""
+        clipped = min(max(hu, self.intensity_min), self.intensity_max)
+        return (clipped - self.mean) / self.std
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["spacing"] = list(self.spacing)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreprocessingConfig:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown preprocessing keys {unknown}; allowed: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "spacing" in values:
+            spacing = values["spacing"]
+            if isinstance(spacing, (int, float)):
+                spacing = (spacing,) * 3
+            values["spacing"] = tuple(float(s) for s in spacing)
+            if len(values["spacing"]) != 3 or min(values["spacing"]) <= 0:
+                raise ConfigError(f"preprocessing spacing must be 3 positive numbers, got {spacing}")
+        config = cls(**values)
+        if config.std <= 0 or config.intensity_max <= config.intensity_min:
+            raise ConfigError("preprocessing needs std > 0 and intensity_max > intensity_min")
+        return config
+
+
+@dataclass
+class ModelGridVolume:
+    """A CT on the model grid: ``image`` float32 ``(1, D, H, W)``; ``affine`` model voxel→world RAS."""
+
+    image: torch.Tensor
+    affine: np.ndarray
+
+
+class AboveThreshold:
+    """Foreground selector for ``CropForegroundd`` (picklable, unlike a lambda, for worker processes).
+
+    Selects ``x > threshold``; when nothing is above it (an empty or non-CT volume) selects
+    everything, so the crop never yields an empty volume.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        selected = image > self.threshold
+        return selected if selected.any() else image == image
+
+
+def to_metatensor(array: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaTensor:
+    """A channel-less ``(i, j, k)`` MetaTensor with its voxel→RAS ``affine``, as ``LoadImaged`` makes."""
+    return _declare_channel_less_3d(
+        MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)))
+    )
+
+
+def _declare_channel_less_3d(image: torch.Tensor) -> torch.Tensor:
+    """Mark a 3-D MetaTensor as channel-less so MONAI treats all three axes as spatial.
+
+    Without the mark MONAI (>= 1.5) takes the first axis of a 3-D tensor for the channel, and
+    cropping then leaves the third axis out of the affine update: a silently shifted grid.
+    """
+    if isinstance(image, MetaTensor) and image.ndim == 3:
+        image.meta["original_channel_dim"] = "no_channel"
+        image.affine = image.affine  # re-derives the cached spatial rank from the affine
+    return image
+
+
+def deterministic_transforms(
+    config: PreprocessingConfig,
+    image_key: str = "image",
+    label_keys: Sequence[str] = (),
+    crop_foreground: bool = True,
+) -> Compose:
+    """MONAI dictionary transforms from a 3-D CT (+ label maps) to the model grid.
+
+    Inputs are channel-less ``(i, j, k)`` arrays (MetaTensors carrying their RAS affine, as
+    ``LoadImaged`` makes them). Outputs are ``(1, D, H, W)`` MetaTensors: the image float32 and
+    normalised; labels resampled with nearest neighbour. Used unchanged for training and inference.
+    """
+    label_keys = list(label_keys)
+    keys = [image_key, *label_keys]
+    transforms = [
+        Lambdad(keys, _declare_channel_less_3d),
+        EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        Orientationd(keys, axcodes=config.orientation, labels=RAS_AXIS_LABELS),
+    ]
+    if crop_foreground:
+        # Cropping before resampling spares the resampler the air around the patient.
+        transforms.append(
+            CropForegroundd(
+                keys,
+                source_key=image_key,
+                select_fn=AboveThreshold(config.foreground_threshold),
+                margin=CROP_MARGIN,
+                allow_smaller=True,
+            )
+        )
+    transforms += [
+        Spacingd(
+            keys,
+            pixdim=config.spacing,
+            mode=["bilinear"] + ["nearest"] * len(label_keys),
+            padding_mode="border",
+            dtype=np.float32,
+        ),
+        # A linear map from [min, max] to normalised units is exactly (clip(x) - mean) / std.
+        ScaleIntensityRanged(
+            image_key,
+            a_min=config.intensity_min,
+            a_max=config.intensity_max,
+            b_min=config.normalise(config.intensity_min),
+            b_max=config.normalise(config.intensity_max),
+            clip=True,
+            dtype=np.float32,
+        ),
+    ]
+    return Compose(transforms)
+
+
+def preprocess_volume(image: np.ndarray, affine: np.ndarray, config: PreprocessingConfig) -> ModelGridVolume:
+    """Apply :func:`deterministic_transforms` to one CT ``image`` ``[i, j, k]`` with its RAS ``affine``."""
+    image = np.asarray(image)
+    affine = np.asarray(affine, dtype=np.float64)
+    if image.ndim != 3:
+        raise InputImageError(f"expected a 3-D CT volume, got an array of shape {image.shape}")
+    if affine.shape != (4, 4):
+        raise InputImageError(f"expected a 4x4 voxel-to-RAS affine, got shape {affine.shape}")
+    tensor = MetaTensor(
+        torch.from_numpy(np.asarray(image, dtype=np.float32)), affine=torch.from_numpy(affine)
+    )
+    output = deterministic_transforms(config)({"image": tensor})["image"]
+    return ModelGridVolume(
+        image=output.as_tensor().to(torch.float32).contiguous(),
+        affine=np.asarray(output.affine, dtype=np.float64),
+    )
+
+
+def resample_to_grid(
+    values: np.ndarray,
+    source_affine: np.ndarray,
+    target_shape: Sequence[int],
+    target_affine: np.ndarray,
+    order: int,
+) -> np.ndarray:
+    """Sample ``values`` (3-D, on the grid of ``source_affine``) at every voxel of a target grid.
+
+    Each target voxel goes target voxel → world RAS → source voxel coordinates. ``order`` 0 is
+    nearest neighbour (label maps; dtype kept), 1 is trilinear (heatmaps; float32). Target voxels
+    more than half a source voxel outside the source grid get 0; inside that half-voxel rim the edge
+    value is used. Works in slabs along the first target axis, so memory beyond the output is
+    bounded (~100 MB) whatever the target size.
+    """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values)
+    if values.ndim != 3:
+        raise ValueError(f"expected 3-D values, got shape {values.shape}")
+    target_shape = tuple(int(n) for n in target_shape)
+    target_to_source = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ np.asarray(
+        target_affine, dtype=np.float64
+    )
+    out_dtype = values.dtype if order == 0 else np.float32
+    source = values if order == 0 else values.astype(np.float32, copy=False)
+    output = np.zeros(target_shape, dtype=out_dtype)
+    rows, cols = np.asarray(target_to_source[:3, :3]), target_to_source[:3, 3]
+
+    _, n_j, n_k = target_shape
+    j = np.arange(n_j, dtype=np.float64)[:, None]
+    k = np.arange(n_k, dtype=np.float64)[None, :]
+    in_plane = [rows[axis, 1] * j + rows[axis, 2] * k + cols[axis] for axis in range(3)]
+    step = max(1, _SLAB_VOXELS // max(1, n_j * n_k))
+    coords = np.empty((3, min(step, target_shape[0]), n_j, n_k), dtype=np.float64)
+    for start in range(0, target_shape[0], step):
+        i = np.arange(start, min(start + step, target_shape[0]), dtype=np.float64)[:, None, None]
+        slab_coords = coords[:, : len(i)]
+        inside = np.ones(slab_coords.shape[1:], dtype=bool)
+        for axis in range(3):
+            np.add(rows[axis, 0] * i, in_plane[axis], out=slab_coords[axis])
+            inside &= slab_coords[axis] >= -0.5
+            inside &= slab_coords[axis] <= values.shape[axis] - 0.5
+        if inside.any():
+            slab = output[start : start + len(i)]
+            ndimage.map_coordinates(
+                source, slab_coords, output=slab, order=order, mode="nearest", prefilter=False
+            )
+            slab[~inside] = 0
+    return output
