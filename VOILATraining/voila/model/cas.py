@@ -70,7 +70,9 @@ class ComplexityVAE(nn.Module):
     def decode(self, z: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decoder(torch.cat([z, ct], dim=1)))
 
-    def forward(self, target: torch.Tensor, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, target: torch.Tensor, ct: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruct ``target``; returns ``(reconstruction, mean, log_variance)``."""
         mean, log_variance = self.encode(target, ct)
         z = mean + torch.randn_like(mean) * (0.5 * log_variance).exp()
@@ -78,11 +80,16 @@ class ComplexityVAE(nn.Module):
 
     def sample(self, ct: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
         """Heatmap ``(B, 1, D, H, W)`` for CT ``(B, 1, D, H, W)``; ``z = 0`` when deterministic."""
-        shape = (ct.shape[0], self.latent_dim, *ct.shape[2:])
-        z = torch.zeros(shape, dtype=ct.dtype, device=ct.device)
         if not deterministic:
-            z = torch.randn_like(z)
-        return self.decode(z, ct)
+            z = torch.randn((ct.shape[0], self.latent_dim, *ct.shape[2:]), dtype=ct.dtype, device=ct.device)
+            return self.decode(z, ct)
+        # z = 0: the first convolution sees only the CT channel (no all-zero latent tensor in memory)
+        first, rest = self.decoder[0], self.decoder[1:]
+        conv = first[0]
+        hidden = F.conv3d(ct, conv.weight[:, self.latent_dim :], conv.bias, padding=conv.padding)
+        for layer in list(first)[1:]:
+            hidden = layer(hidden)
+        return torch.sigmoid(rest(hidden))
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -131,7 +138,9 @@ def complexity_target(
     sparse = sparse.view(batch, 1, *spatial_shape)
     weight = weight.view(batch, 1, *spatial_shape)
     numerator, denominator = gaussian_smooth(sparse, sigma), gaussian_smooth(weight, sigma)
-    return torch.where(denominator > 1e-6, numerator / denominator.clamp_min(1e-6), torch.zeros_like(numerator))
+    return torch.where(
+        denominator > 1e-6, numerator / denominator.clamp_min(1e-6), torch.zeros_like(numerator)
+    )
 
 
 @dataclass

@@ -83,7 +83,9 @@ class ModelConfig:
     def validate(self) -> None:
         encoder = self.voxel_encoder
         if not (len(encoder.stage_blocks) == len(encoder.stage_strides) == len(encoder.stage_dilations)):
-            raise ConfigError("voxel_encoder: stage_blocks, stage_strides and stage_dilations need equal lengths")
+            raise ConfigError(
+                "voxel_encoder: stage_blocks, stage_strides and stage_dilations need equal lengths"
+            )
         if self.head not in ("language", "linear"):
             raise ConfigError(f"head must be 'language' or 'linear', not {self.head!r}")
         if self.sampling.mode not in ("cas", "random", "none"):

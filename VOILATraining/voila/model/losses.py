@@ -17,7 +17,9 @@ import torch
 from torch.nn import functional as F
 
 
-def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+def marginal_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor
+) -> torch.Tensor:
     """Mean over voxels of ``-log p(target)``, where for target 0 the probability is summed over
     background and the classes the voxel's case does not annotate."""
     log_probabilities = logits.float().log_softmax(dim=-1)

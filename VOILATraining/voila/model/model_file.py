@@ -76,7 +76,9 @@ def build_card(
     }
 
 
-def save_model(path: str | os.PathLike, model: VoilaModel, card: dict[str, Any], text_cache: TextEmbeddingCache) -> Path:
+def save_model(
+    path: str | os.PathLike, model: VoilaModel, card: dict[str, Any], text_cache: TextEmbeddingCache
+) -> Path:
     """Write the model file atomically (temporary file in the same folder, then rename)."""
     from voila.data.io import atomic_path
 

@@ -133,13 +133,19 @@ class SemanticFPNNeck(nn.Module):
         self.fuse = nn.Conv3d(channels * len(in_channels), token_dim, 1)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int, int]) -> torch.Tensor:
-        maps = []
-        for branch, feature in zip(self.branches, features):
+        # fuse(concat(maps)) == bias + sum_i W_i · map_i: adding each branch's share as soon as it
+        # exists keeps one full-resolution map alive instead of all four (same weights, same result)
+        width = self.fuse.in_channels // len(self.branches)
+        out = None
+        for index, (branch, feature) in enumerate(zip(self.branches, features)):
             x = branch(feature)
             if tuple(x.shape[2:]) != tuple(size):  # odd input sizes: align to the exact input grid
                 x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-            maps.append(x)
-        return self.fuse(torch.cat(maps, dim=1))
+            weight = self.fuse.weight[:, index * width : (index + 1) * width]
+            share = F.conv3d(x, weight, self.fuse.bias if index == 0 else None)
+            del x
+            out = share if out is None else out.add_(share)
+        return out
 
 
 class VoxelEncoder(nn.Module):
