@@ -21,3 +21,35 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def resources() -> Path:
     return RESOURCES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A real (untrained) ``tiny`` VOILA model file: open_clip ViT-B-32 with random weights."""
+    import torch
+    from voila.data.preprocess import PreprocessingConfig
+    from voila.model.config import load_preset
+    from voila.model.factory import create_model
+    from voila.model.model_file import save_model
+    from voila.vocabulary import Vocabulary
+
+    torch.manual_seed(0)
+    built = create_model(
+        load_preset("tiny"),
+        ["liver", "spleen", "kidney_left", "kidney_right", "aorta"],
+        Vocabulary.load(RESOURCES / "Vocabulary" / "voila_vocabulary.json"),
+        PreprocessingConfig(spacing=(6.0, 6.0, 6.0)),
+        text_pretrained=None,
+        description="untrained tiny model for tests",
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(path, built.model, built.card, built.text_cache)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_ct():
+    """The bundled real CT: (array [i, j, k], affine voxel -> RAS)."""
+    from voila.data.io import read_image
+
+    return read_image(RESOURCES / "SampleData" / "totalseg-example" / "example_ct.nii.gz")

@@ -15,7 +15,7 @@ import traceback
 from voila import __version__
 from voila.errors import VoilaError
 
-SUBCOMMANDS = ("info", "evaluate")
+SUBCOMMANDS = ("info", "segment", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,353 @@
+"""The segmentation engine behind ``voila segment`` and the Slicer module.
+
+Example::
+
+    segmenter = Segmenter.load()                 # the shipped demo model, loaded once
+    result = segmenter.segment(ct, affine, ["liver", "left kidney", "aorta"])
+    result.labelmap          # on the input grid: 0 = background, i = prompts[i - 1]
+    result.heatmap           # complexity in [0, 1] on the input grid (1 = hard)
+    result.prompts[0].volume_ml
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from voila.data.io import check_ct
+from voila.data.preprocess import PreprocessingConfig, preprocess_volume, resample_to_grid
+from voila.errors import InputImageError, InsufficientMemoryError, PromptError
+from voila.infer.sliding_window import default_amp_dtype, predict_grid, resolve_device
+from voila.model.factory import class_prompt_text
+from voila.model.model_file import LoadedModel, load_model
+from voila.model.text_encoder import TextEncoder
+from voila.vocabulary import DEFAULT_TEMPLATE, Structure, Vocabulary, normalize_prompt
+
+MAX_PROMPT_CHARACTERS = 200
+MAX_PROMPTS = 1000
+# A prompt is "found" only if its region is at least this large and this confident.
+MIN_VOLUME_ML = 0.1
+CONFIDENCE_FLOOR = 0.5
+# An open-vocabulary prompt whose region would otherwise mostly belong to a known structure is
+# not reported as found: it would be that organ under another name.
+STOLEN_FRACTION = 0.5
+BYTES_PER_MODEL_VOXEL = 4 * 34 + 8 * 3 + 4 * 3  # token buffer, labels/runner-up, confidence, image
+
+
+@dataclass
+class PromptResult:
+    """What one prompt gave. ``structure`` is the vocabulary name (None for free text)."""
+
+    label: int
+    prompt: str
+    structure: str | None
+    display_name: str
+    open_vocabulary: bool
+    trained: bool
+    snomed: dict[str, Any] | None
+    snomed_code: str | None
+    color: tuple[int, int, int]
+    confidence: float
+    voxels: int
+    volume_ml: float
+    found: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["color"] = list(self.color)
+        return values
+
+
+@dataclass
+class SegmentationResult:
+    """``labelmap`` uint8/uint16 and ``heatmap`` float32 (or None), both on the input grid."""
+
+    labelmap: np.ndarray
+    heatmap: np.ndarray | None
+    affine: np.ndarray
+    prompts: list[PromptResult]
+    model: dict[str, Any]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON sidecar: label → prompt, structure, SNOMED code, colour, confidence, voxels, ml."""
+        return {
+            "labels": [p.to_dict() for p in self.prompts],
+            "model": self.model,
+            "shape": list(self.labelmap.shape),
+            "affine": np.asarray(self.affine).tolist(),
+            "seconds": round(self.seconds, 2),
+            "warnings": list(self.warnings),
+            "heatmap": "CAS complexity in [0, 1]: 1 = the model found the region hard / uncertain",
+        }
+
+
+@dataclass
+class ResolvedPrompt:
+    prompt: str
+    structure: Structure | None
+    row: int  # row of the class-embedding matrix this prompt owns
+    trained: bool
+
+
+def free_text_color(text: str) -> tuple[int, int, int]:
+    """A stable, saturated colour for free text (hash → hue)."""
+    hue = (sum(ord(c) * 31**i for i, c in enumerate(text[:32])) % 360) / 360.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Segmenter:
+    """A loaded model, kept warm: load once, segment many volumes with any prompts."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, model_path: Path) -> None:
+        self.model = loaded.model
+        self.card = loaded.card
+        self.text_cache = loaded.text_cache
+        self.device = device
+        self.model_path = model_path
+        self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"])
+        self.preprocessing = PreprocessingConfig.from_dict(self.card["preprocessing"])
+        self.classes: list[str] = list(self.card["classes"])
+        self.template = self.card.get("prompt_template", DEFAULT_TEMPLATE)
+        self.patch_size = tuple(self.card["model"]["patch_size"])
+        encoder = self.card["text_encoder"]
+        self.text_cache.set_encoder_factory(
+            lambda: TextEncoder(encoder["model_name"], encoder.get("pretrained"), device="cpu")
+        )
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike | None = None, device: str = "auto") -> Segmenter:
+        """Load a model file (``None``: the shipped demo model) onto ``device`` (auto/cpu/cuda)."""
+        if model_path is None:
+            from voila.resources import DEMO_MODEL, resource_path
+
+            model_path = resource_path(DEMO_MODEL)
+        torch_device = resolve_device(device)
+        loaded = load_model(model_path, device=torch_device)
+        return cls(loaded, torch_device, Path(model_path))
+
+    # -- prompts -----------------------------------------------------------------------------
+    def resolve_prompts(self, prompts: Sequence[str]) -> tuple[list[ResolvedPrompt], list[str]]:
+        """Match prompts to the vocabulary, drop duplicates; returns (prompts, notes)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        cleaned = [" ".join(str(p).split()) for p in prompts]
+        cleaned = [p for p in cleaned if p]
+        if not cleaned:
+            raise PromptError("no prompts given; type at least one structure name, e.g. 'liver'")
+        too_long = [p for p in cleaned if len(p) > MAX_PROMPT_CHARACTERS]
+        if too_long:
+            raise PromptError(
+                f"a prompt is {len(too_long[0])} characters long (at most {MAX_PROMPT_CHARACTERS}); "
+                "give structure names, one per prompt"
+            )
+        if len(cleaned) > MAX_PROMPTS:
+            raise PromptError(f"{len(cleaned)} prompts given; at most {MAX_PROMPTS} per run")
+        notes: list[str] = []
+        resolved: list[ResolvedPrompt] = []
+        seen: dict[str, str] = {}
+        extra_rows = 0
+        for prompt in cleaned:
+            structure = self.vocabulary.match(prompt)
+            key = structure.name if structure else normalize_prompt(prompt)
+            if key in seen:
+                notes.append(f"duplicate prompt {prompt!r} (same as {seen[key]!r}) was ignored")
+                continue
+            seen[key] = prompt
+            name = structure.name if structure else prompt
+            if name in self.classes:
+                resolved.append(ResolvedPrompt(prompt, structure, self.classes.index(name), True))
+            else:
+                resolved.append(ResolvedPrompt(prompt, structure, len(self.classes) + extra_rows, False))
+                extra_rows += 1
+        return resolved, notes
+
+    def class_embeddings(self, resolved: Sequence[ResolvedPrompt]) -> torch.Tensor:
+        """Every trained class plus the prompts the model was not trained on: ``(N, M)``."""
+        names = self.classes[1:] + [
+            (p.structure.name if p.structure else p.prompt) for p in resolved if not p.trained
+        ]
+        features = self.text_cache.features(
+            [class_prompt_text(n, self.vocabulary, self.template) for n in names]
+        )
+        with torch.no_grad():
+            return self.model.class_embeddings(features.to(self.device)).float()
+
+    # -- segmentation ------------------------------------------------------------------------
+    def estimate_memory(self, shape: Sequence[int], affine: np.ndarray) -> int:
+        """Bytes the run needs, estimated from the model-grid size (before cropping)."""
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        model_voxels = float(np.prod(np.asarray(shape) * spacing / np.asarray(self.preprocessing.spacing)))
+        input_voxels = float(np.prod(shape))
+        return int(model_voxels * BYTES_PER_MODEL_VOXEL + input_voxels * (4 + 4 + 2))
+
+    def segment(
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        prompts: Sequence[str],
+        heatmap: bool = True,
+        progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
+        overlap: float = 0.5,
+    ) -> SegmentationResult:
+        """Segment ``image`` ``[i, j, k]`` (voxel→RAS ``affine``) for ``prompts``.
+
+        ``progress`` receives the fraction done (0..1, mostly windows); ``cancel`` stops the run
+        between windows with :class:`voila.Cancelled`. Raises :class:`voila.VoilaError`
+        subclasses for unusable input.
+        """
+        started = time.perf_counter()
+        image = np.asarray(image)
+        affine = np.asarray(affine, dtype=np.float64)
+        if image.ndim != 3:
+            raise InputImageError(f"VOILA needs a single 3-D CT volume; got an array of shape {image.shape}")
+        if not 0 <= overlap < 1:
+            raise InputImageError(f"overlap must be in [0, 1), got {overlap}")
+        if not (np.issubdtype(image.dtype, np.number) and not np.issubdtype(image.dtype, np.complexfloating)):
+            raise InputImageError(f"the image has voxel type {image.dtype}; a CT needs numeric voxels")
+        notes = check_ct(image, affine)
+        resolved, duplicate_notes = self.resolve_prompts(prompts)
+        notes += duplicate_notes
+        needed, available = self.estimate_memory(image.shape, affine), available_memory_bytes()
+        if available is not None and needed > available:
+            raise InsufficientMemoryError(
+                f"this volume needs about {needed / 2**30:.1f} GB of memory but {available / 2**30:.1f} GB "
+                "are available; crop the volume to the region of interest or use a larger machine"
+            )
+        embeddings = self.class_embeddings(resolved)
+
+        with self._lock:
+            grid = preprocess_volume(image, affine, self.preprocessing)
+            report = (lambda f: progress(0.02 + 0.93 * f)) if progress else None
+            if progress:
+                progress(0.02)
+            prediction = predict_grid(
+                self.model,
+                embeddings,
+                grid.image,
+                self.patch_size,
+                overlap=overlap,
+                device=self.device,
+                amp_dtype=default_amp_dtype(self.device),
+                progress=report,
+                cancel=cancel,
+                heatmap=heatmap,
+            )
+        results, grid_labels = self._prompt_results(resolved, prediction, grid.affine, affine)
+        labelmap = resample_to_grid(grid_labels, grid.affine, image.shape, affine, order=0)
+        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        counts = np.bincount(labelmap.ravel(), minlength=len(results) + 1)
+        for result in results:
+            result.voxels = int(counts[result.label])
+            result.volume_ml = round(result.voxels * voxel_ml, 3)
+        heat = None
+        if prediction.heatmap is not None:
+            heat = resample_to_grid(prediction.heatmap.numpy(), grid.affine, image.shape, affine, order=1)
+            heat = np.clip(heat, 0.0, 1.0).astype(np.float32, copy=False)
+        if progress:
+            progress(1.0)
+        return SegmentationResult(
+            labelmap=labelmap,
+            heatmap=heat,
+            affine=affine,
+            prompts=results,
+            model={
+                "file": self.model_path.name,
+                "preset": self.card.get("preset"),
+                "description": self.card.get("description", ""),
+                "spacing_mm": list(self.preprocessing.spacing),
+            },
+            seconds=time.perf_counter() - started,
+            warnings=notes,
+        )
+
+    def _prompt_results(
+        self,
+        resolved: Sequence[ResolvedPrompt],
+        prediction,
+        grid_affine: np.ndarray,
+        input_affine: np.ndarray,
+    ) -> tuple[list[PromptResult], np.ndarray]:
+        """Per-prompt statistics on the model grid and the model-grid label map of found prompts."""
+        label_dtype = np.uint8 if len(resolved) < 256 else np.uint16
+        row_to_label = torch.zeros(len(self.classes) + len(resolved) + 1, dtype=torch.int64)
+        for label, p in enumerate(resolved, start=1):
+            row_to_label[p.row] = label
+        grid_labels = row_to_label[prediction.labels]
+        grid_ml = abs(float(np.linalg.det(grid_affine[:3, :3]))) / 1000.0
+        trained_rows = torch.zeros(len(row_to_label), dtype=torch.bool)
+        trained_rows[1 : len(self.classes)] = True
+        results = []
+        for label, p in enumerate(resolved, start=1):
+            region = grid_labels == label
+            voxels = int(region.sum())
+            confidence = float(prediction.probability[region].mean()) if voxels else 0.0
+            structure = p.structure
+            note, found = "", True
+            if voxels * grid_ml < MIN_VOLUME_ML:
+                found, note = False, "no region found in this image"
+            elif confidence < CONFIDENCE_FLOOR:
+                found, note = False, f"confidence {confidence:.2f} below the floor {CONFIDENCE_FLOOR}"
+            elif not p.trained:
+                runner_up = prediction.runner_up[region]
+                stolen = trained_rows[runner_up]
+                if float(stolen.float().mean()) > STOLEN_FRACTION:
+                    name = self.classes[int(torch.mode(runner_up[stolen]).values)]
+                    known = self.vocabulary[name].display_name if name in self.vocabulary else name
+                    found = False
+                    note = (
+                        f"its region is mostly what the model knows as {known!r}; "
+                        f"ask for {known!r} if that is what you mean"
+                    )
+            if not found:
+                grid_labels[region] = 0
+            elif not p.trained:
+                note = "open vocabulary: the model was not trained on this structure; check the result"
+            results.append(
+                PromptResult(
+                    label=label,
+                    prompt=p.prompt,
+                    structure=structure.name if structure else None,
+                    display_name=structure.display_name if structure else p.prompt,
+                    open_vocabulary=structure is None,
+                    trained=p.trained,
+                    snomed=dict(structure.terminology) if structure else None,
+                    snomed_code=structure.snomed_code if structure else None,
+                    color=tuple(structure.color) if structure else free_text_color(p.prompt),
+                    confidence=round(confidence, 4),
+                    voxels=0,
+                    volume_ml=0.0,
+                    found=found,
+                    note=note,
+                )
+            )
+        return results, grid_labels.numpy().astype(label_dtype)
+
+
+warnings.filterwarnings("ignore", message=".*Using a non-tuple sequence.*")

@@ -1,0 +1,151 @@
+"""Whole-volume prediction on the model grid: MONAI sliding windows, bounded memory.
+
+The windows' *unit voxel tokens* (M = 32 channels) and the CAS heatmap are blended with MONAI's
+Gaussian weighting. Cosine logits are linear in the voxel token, so the logits of the blended
+token equal the blended logits of the windows: blending 33 channels gives the same argmax as
+blending N class maps, for any N. Logits, argmax and confidence are then computed in chunks, so
+no ``(N, D, H, W)`` float map ever exists and the cost hardly depends on the number of classes.
+
+Used by inference (:mod:`voila.infer.segmenter`) and by validation during training.
+
+Example::
+
+    prediction = predict_grid(model, class_embeddings, image, patch_size=(128, 128, 128))
+    prediction.labels        # (D, H, W) int64, row index into class_embeddings
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from voila.errors import Cancelled
+
+# Buffers above this size are kept in float16 (halves the memory of a large CT; the blended
+# tokens are in [-1, 1], well within float16's precision for an argmax).
+HALF_PRECISION_BUFFER_BYTES = 1 << 30
+CHUNK_VOXELS = 1 << 18
+
+
+@dataclass
+class GridPrediction:
+    """Model-grid results: ``labels`` int64 ``(D, H, W)`` (row of ``class_embeddings``),
+    ``probability`` float32 ``(D, H, W)`` (softmax probability of the winning class),
+    ``runner_up`` int64 ``(D, H, W)`` (second-best row) and ``heatmap`` float32 ``(D, H, W)``
+    in [0, 1] or None."""
+
+    labels: torch.Tensor
+    probability: torch.Tensor
+    runner_up: torch.Tensor
+    heatmap: torch.Tensor | None
+
+
+def count_windows(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's scan visits (its own interval rule)."""
+    total = 1
+    for size, roi in zip(image_size, patch_size):
+        roi = min(roi, size)
+        interval = max(int(roi * (1 - overlap)), 1)
+        total *= 1 if roi >= size else math.ceil((size - roi) / interval) + 1
+    return total
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from voila.errors import VoilaError
+
+        raise VoilaError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def default_amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; no autocast on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def predict_grid(
+    model: torch.nn.Module,
+    class_embeddings: torch.Tensor,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+    heatmap: bool = True,
+    sw_batch_size: int = 1,
+) -> GridPrediction:
+    """Segment a preprocessed CT ``image`` ``(1, D, H, W)`` on the model grid.
+
+    ``class_embeddings`` ``(N, M)``: the competing classes (row 0 background). ``progress`` is
+    called with the fraction of windows done; ``cancel`` is checked between windows and chunks
+    (raises :class:`voila.Cancelled`).
+    """
+    device = torch.device(device)
+    patch_size = tuple(int(p) for p in patch_size)
+    spatial = tuple(image.shape[1:])
+    voxels = spatial[0] * spatial[1] * spatial[2]
+    token_dim = class_embeddings.shape[1]
+    buffer_dtype = torch.float32
+    if (token_dim + 2) * voxels * 4 > HALF_PRECISION_BUFFER_BYTES:
+        buffer_dtype = torch.float16
+    total = count_windows(spatial, patch_size, overlap)
+    done = 0
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        window = window.to(device=device, dtype=torch.float32)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            tokens, complexity = model(window)
+        done += window.shape[0]
+        if progress is not None:
+            progress(min(done / total, 1.0))
+        return torch.cat([tokens, complexity], dim=1).to(buffer_dtype)
+
+    blended = sliding_window_inference(
+        image[None].to(buffer_dtype),
+        roi_size=patch_size,
+        sw_batch_size=sw_batch_size,
+        predictor=predictor,
+        overlap=overlap,
+        mode="gaussian",
+        padding_mode="constant",
+        cval=float(image.min()),
+        sw_device=device,
+        device=torch.device("cpu"),
+    )[0]
+    tokens = blended[:token_dim].reshape(token_dim, -1)
+    embeddings = class_embeddings.to(device=device, dtype=torch.float32)
+    labels = torch.empty(voxels, dtype=torch.int64)
+    probability = torch.empty(voxels, dtype=torch.float32)
+    runner_up = torch.empty(voxels, dtype=torch.int64)
+    for start in range(0, voxels, CHUNK_VOXELS):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        chunk = tokens[:, start : start + CHUNK_VOXELS].t().to(device=device, dtype=torch.float32)
+        logits = model.logits(chunk, embeddings).float()
+        top = logits.softmax(dim=-1).topk(min(2, logits.shape[-1]), dim=-1)
+        end = start + chunk.shape[0]
+        labels[start:end] = top.indices[:, 0].cpu()
+        probability[start:end] = top.values[:, 0].cpu()
+        runner_up[start:end] = top.indices[:, -1].cpu()
+    complexity = blended[token_dim].float().clamp_(0, 1) if heatmap else None
+    return GridPrediction(
+        labels.view(spatial), probability.view(spatial), runner_up.view(spatial), complexity
+    )
