@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import traceback
+import warnings
 
 from voila import __version__
 from voila.errors import VoilaError
 
-SUBCOMMANDS = ("info", "segment", "evaluate")
+SUBCOMMANDS = ("info", "segment", "evaluate", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +32,37 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"voila.commands.{name}")
         sub = module.add_parser(subparsers)
-        sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        # SUPPRESS: an absent sub-flag must not reset `voila --debug COMMAND` to False
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback on errors",
+        )
         sub.set_defaults(run=module.run)
     return parser
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep library chatter off stderr so an error stays one line (``--debug`` shows it all).
+
+    open_clip reports through the root logger (``logging.error(...)`` would install a stderr
+    handler on first use), and torch/open_clip emit deprecation warnings on import.
+    """
+    if debug:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args.debug)
     try:
         return int(args.run(args) or 0)
     except VoilaError as error:
