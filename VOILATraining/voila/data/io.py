@@ -214,7 +214,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[np.ndarray
             listed = "; ".join(f"{uid} ({_series_description(folder, uid)})" for uid in series)
             raise InputImageError(
                 f"folder {folder} holds {len(series)} DICOM series: {listed}; "
-                "give the folder of one series or pass series_uid="
+                "choose one with --series-uid UID (Python: series_uid=UID) or give the folder of one series"
             )
         series_uid = series[0]
     elif series_uid not in series:

@@ -120,6 +120,10 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**29 else f"{n_bytes / 2**20:.1f} MB"
+
+
 class Segmenter:
     """A loaded model, kept warm: load once, segment many volumes with any prompts."""
 
@@ -237,7 +241,7 @@ class Segmenter:
         needed, available = self.estimate_memory(image.shape, affine), available_memory_bytes()
         if available is not None and needed > available:
             raise InsufficientMemoryError(
-                f"this volume needs about {needed / 2**30:.1f} GB of memory but {available / 2**30:.1f} GB "
+                f"this volume needs about {_size(needed)} of memory but {_size(available)} "
                 "are available; crop the volume to the region of interest or use a larger machine"
             )
         embeddings = self.class_embeddings(resolved)

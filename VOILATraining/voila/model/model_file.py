@@ -93,9 +93,19 @@ def save_model(
     return path
 
 
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+) or a ``torch.save`` zip archive, whatever the file is called."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
+
+
 def _not_a_model(path: Path, reason: str) -> ModelFileError:
     hint = ""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(path):
         hint = " Pickled PyTorch files are refused because loading them can run arbitrary code;"
     return ModelFileError(
         f"{path} is not a valid VOILA model file ({reason}).{hint} Use a .safetensors model "
