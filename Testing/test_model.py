@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
-
 from voila.model.cas import ComplexityVAE, complexity_target, select_voxels
 from voila.model.config import CASConfig, load_preset
 from voila.model.losses import marginal_cross_entropy, voxel_f1_loss
@@ -79,7 +78,9 @@ def test_background_of_a_partially_labelled_case_may_be_any_unannotated_structur
     annotated = torch.tensor([[True, True, False]])
     z = 1 + math.exp(1) + math.exp(2)
     expected = -math.log((1 + math.exp(2)) / z)
-    assert math.isclose(float(marginal_cross_entropy(logits, torch.tensor([0]), annotated)), expected, rel_tol=1e-6)
+    assert math.isclose(
+        float(marginal_cross_entropy(logits, torch.tensor([0]), annotated)), expected, rel_tol=1e-6
+    )
 
 
 def test_f1_loss_matches_a_hand_computed_value():

@@ -32,16 +32,26 @@ def run(args: argparse.Namespace) -> int:
         config = load_preset(args.preset)
         model = VoilaModel(config, text_feature_dim(config.text_encoder.model_name), num_classes=2)
         if args.json:
-            print(json.dumps(dict(config.to_dict(), trainable_parameters=model.trainable_parameters()), indent=2))
+            print(
+                json.dumps(
+                    dict(config.to_dict(), trainable_parameters=model.trainable_parameters()), indent=2
+                )
+            )
             return 0
         encoder = config.voxel_encoder
         print(f"preset:              {config.name} — {config.description}")
-        print(f"voxel encoder:       bottleneck ResNet, stages {encoder.stage_blocks}, stem {encoder.stem_width}, "
-              f"strides {encoder.stage_strides}, dilations {encoder.stage_dilations}; FPN neck {config.neck_channels}")
+        print(
+            f"voxel encoder:       bottleneck ResNet, stages {encoder.stage_blocks}, stem {encoder.stem_width}, "
+            f"strides {encoder.stage_strides}, dilations {encoder.stage_dilations}; FPN neck {config.neck_channels}"
+        )
         print(f"tokens:              {config.token_dim}-d, {config.head} head")
-        print(f"text encoder:        {config.text_encoder.model_name} ({config.text_encoder.pretrained}), frozen")
-        print(f"sampling:            {config.sampling.mode}, ratio {config.sampling.ratio}, "
-              f"oversampling n = {config.sampling.oversampling}")
+        print(
+            f"text encoder:        {config.text_encoder.model_name} ({config.text_encoder.pretrained}), frozen"
+        )
+        print(
+            f"sampling:            {config.sampling.mode}, ratio {config.sampling.ratio}, "
+            f"oversampling n = {config.sampling.oversampling}"
+        )
         print(f"patch:               {config.patch_size}")
         print(f"trainable parameters: {format_parameters(model.trainable_parameters())}")
         return 0
@@ -61,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"licence:             {card.get('license', 'unknown')}")
     print(f"preset:              {card['preset']} (format {card['format_version']})")
     print(f"text encoder:        {card['text_encoder']['model_name']} ({card['text_encoder']['pretrained']})")
-    print(f"spacing:             {prep.get('spacing')} mm, orientation {prep.get('orientation')}, "
-          f"HU window [{prep.get('intensity_min')}, {prep.get('intensity_max')}]")
+    print(
+        f"spacing:             {prep.get('spacing')} mm, orientation {prep.get('orientation')}, "
+        f"HU window [{prep.get('intensity_min')}, {prep.get('intensity_max')}]"
+    )
     print(f"cached prompts:      {len(loaded.text_cache)}")
     training = card.get("training") or {}
     if training:
