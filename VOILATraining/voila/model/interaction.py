@@ -46,12 +46,15 @@ class VoxelLanguageHead(nn.Module):
 class LinearClassificationHead(nn.Module):
     """The paper's "w/o V-L interaction" ablation: a plain linear classifier over a fixed class list.
 
-    It ignores the text features except for their count; it cannot segment unseen prompts.
+    It ignores the text features except for their count; it cannot segment unseen prompts. It keeps
+    the language head's learnable logit scale, so the ablation changes only the V-L interaction
+    (unit tokens times a plain linear layer would start with logits too flat to learn quickly).
     """
 
     def __init__(self, num_classes: int, token_dim: int = 32) -> None:
         super().__init__()
         self.classifier = nn.Linear(token_dim, num_classes)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def class_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
         if text_features.shape[0] + 1 != self.classifier.out_features:
@@ -62,4 +65,5 @@ class LinearClassificationHead(nn.Module):
         return self.classifier.weight
 
     def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        return voxel_tokens @ class_embeddings.t() + self.classifier.bias
+        scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return scale * (voxel_tokens @ class_embeddings.t() + self.classifier.bias)

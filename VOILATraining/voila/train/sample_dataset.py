@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from voila.data.io import atomic_path, read_image, write_volume
+from voila.errors import DatasetError
 from voila.resources import SAMPLE_CT, resource_path
 
 SAMPLE_LABELMAP = "SampleData/totalseg-example/example_seg_fast_force_split.nii.gz"
@@ -25,8 +26,12 @@ CLASS_NAMES = "Terminology/totalsegmentator_classes.json"
 CASE = "example"
 
 
-def write_sample_dataset(out: str | Path) -> Path:
-    """Write the dataset under ``out`` and return ``out``; existing files are replaced."""
+def write_sample_dataset(out: str | Path, structures: list[str] | None = None) -> Path:
+    """Write the dataset under ``out`` and return ``out``; existing files are replaced.
+
+    ``structures`` (TotalSegmentator names) limits which masks are written: the others are then
+    simply not annotated in this dataset (not background), as in any partially labelled dataset.
+    """
     out = Path(out)
     case = out / CASE
     segmentations = case / "segmentations"
@@ -36,7 +41,12 @@ def write_sample_dataset(out: str | Path) -> Path:
         shutil.copyfile(ct_path, partial)
     labelmap, affine = read_image(resource_path(SAMPLE_LABELMAP))
     names = json.loads(resource_path(CLASS_NAMES).read_text(encoding="utf-8"))
+    unknown = sorted(set(structures or ()) - set(names.values()))
+    if unknown:
+        raise DatasetError(f"unknown TotalSegmentator structure names {unknown}; see {CLASS_NAMES}")
     for value, name in sorted(names.items(), key=lambda item: int(item[0])):
+        if structures and name not in structures:
+            continue
         mask = (labelmap == int(value)).astype(np.uint8)
         write_volume(segmentations / f"{name}.nii.gz", mask, affine, reference_path=ct_path)
     return out
@@ -48,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Export the bundled sample CT and its label map as a TotalSegmentator-layout dataset.",
     )
     parser.add_argument("out", help="folder to write (OUT/example/ct.nii.gz + segmentations/)")
+    parser.add_argument("--structures", nargs="+", metavar="NAME", help="write only these structures' masks")
     args = parser.parse_args(argv)
-    root = write_sample_dataset(args.out)
+    root = write_sample_dataset(args.out, args.structures)
     print(f"wrote {root / CASE} (train with: voila train --data {root})")
     return 0
 
