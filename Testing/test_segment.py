@@ -158,3 +158,23 @@ def test_cli_error_is_one_line_nonzero_and_leaves_no_output(tiny_model_path, tmp
     assert code != 0
     assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def world_centroid(mask, affine):
+    return (affine @ np.r_[np.argwhere(mask).mean(axis=0), 1.0])[:3]
+
+
+@pytest.mark.parametrize("storage", ["RAS", "LPS"])
+def test_left_kidney_comes_out_on_the_patients_left_whatever_the_storage_order(storage, sample_ct):
+    """The shipped demo model on the bundled CT: in RAS world coordinates +x is the patient's right."""
+    image, affine = sample_ct
+    if storage == "LPS":
+        image, affine = lps_copy(image, affine)
+    result = Segmenter.load(device="cpu").segment(
+        image, affine, ["left kidney", "right kidney"], heatmap=False
+    )
+    left, right = result.prompts
+    assert left.found and right.found, [p.note for p in result.prompts]
+    left_x = world_centroid(result.labelmap == left.label, affine)[0]
+    right_x = world_centroid(result.labelmap == right.label, affine)[0]
+    assert left_x < 0 < right_x, (left_x, right_x)
