@@ -112,7 +112,11 @@ def predict_grid(
             raise Cancelled("segmentation cancelled")
         window = window.to(device=device, dtype=torch.float32)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            tokens, complexity = model(window)
+            if heatmap:
+                tokens, complexity = model(window)
+            else:  # the CAS decoder is about 40 % of a window's cost: skip it when no heatmap is wanted
+                tokens = model.voxel_tokens(window)
+                complexity = torch.zeros_like(tokens[:, :1])
         done += window.shape[0]
         if progress is not None:
             progress(min(done / total, 1.0))
