@@ -26,7 +26,12 @@ def test_torchrun_with_two_cpu_processes_trains_and_exports_a_valid_model(tmp_pa
         "--steps-per-epoch", "2",
     ]  # fmt: skip
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+        command,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr

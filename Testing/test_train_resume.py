@@ -67,13 +67,19 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical_to_an_uninterr
         env=environment(),
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at epoch" in resumed.stderr
 
     uninterrupted = subprocess.run(
-        voila_train(data, straight), env=environment(), capture_output=True, text=True, timeout=240
+        voila_train(data, straight),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=240,
     )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
