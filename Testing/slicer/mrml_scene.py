@@ -63,11 +63,9 @@ def matrix(node_matrix_getter) -> np.ndarray:
 
 
 def to_vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(array[r, c]))
-    return m
+    from VOILASegmenterLib.mrml_io import array_to_vtk_matrix  # the product's one conversion
+
+    return array_to_vtk_matrix(array)
 
 
 def add_volume_from_array(scene, name: str, array_kji: np.ndarray, ijk_to_ras: np.ndarray):
