@@ -26,6 +26,21 @@ def test_voxel_encoder_gives_one_token_per_input_voxel_for_any_patch_size(shape)
     assert tokens.shape == (1, 32, *shape)
 
 
+@pytest.mark.parametrize("shape", [(32, 32, 32), (24, 40, 16), (17, 23, 31)])
+def test_neck_fusing_before_the_last_upsampling_equals_fusing_at_full_resolution(shape):
+    """The fast path (fuse at half resolution, upsample once) is the same arithmetic."""
+    torch.manual_seed(0)
+    encoder = VoxelEncoder(load_preset("tiny")).eval()
+    with torch.no_grad():
+        features = encoder.backbone(torch.randn(1, 1, *shape))
+        for feature in features:  # uneven magnitudes, so that a wrong branch weight would show
+            feature.mul_(torch.rand_like(feature) * 3)
+        fast = encoder.neck(features, shape)
+        reference = encoder.neck.forward_full_resolution(features, shape)
+    assert fast.shape == reference.shape == (1, 32, *shape)
+    assert torch.allclose(fast, reference, atol=1e-5), float((fast - reference).abs().max())
+
+
 def test_model_forward_gives_unit_tokens_and_a_heatmap_in_unit_range():
     model = VoilaModel(load_preset("tiny")).eval()
     with torch.no_grad():

@@ -138,6 +138,18 @@ def test_a_flipped_input_gives_the_same_model_volume_and_a_flipped_output():
     assert _dice(back_ras > 0, labels == RIGHT) > 0.95
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.float64])
+def test_any_voxel_type_gives_exactly_the_float32_model_volume(dtype):
+    """int16 goes through reorientation and crop as int16 (half the bytes); the result is identical."""
+    ct, _, affine = _lps_variant()  # LPS storage: the reorientation really flips
+    ct = ct - ct.min() if dtype == np.uint16 else ct
+    reference = preprocess_volume(ct.astype(np.float32), affine, CONFIG)
+    volume = preprocess_volume(ct.astype(dtype), affine, CONFIG)
+    assert volume.image.dtype == torch.float32
+    assert torch.equal(volume.image, reference.image)
+    np.testing.assert_array_equal(volume.affine, reference.affine)
+
+
 def test_intensities_are_clipped_and_normalised_with_the_fixed_ct_statistics():
     assert CONFIG.normalise(-104.44) == 0.0
     assert CONFIG.normalise(-3000) == pytest.approx((-1003 + 104.44) / 505.35)

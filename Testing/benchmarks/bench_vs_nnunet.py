@@ -13,7 +13,8 @@ preprocessing to the ``--spacing`` grid (1.5 mm: TotalSegmentator's full-resolut
 the same MONAI ``sliding_window_inference`` (128³ windows, ``--overlap``, Gaussian blending,
 blending buffer on the CPU in float16 above 1 GiB as ``voila.infer.sliding_window`` does). VOILA
 runs its real predictor (:func:`voila.infer.sliding_window.predict_grid`: 33 blended channels,
-then 118 class logits in chunks); nnU-Net's predictor returns and blends 118 logits per voxel,
+then 118 class logits in chunks), for segmentation alone (``paper``, ``small``: the task nnU-Net
+does, and the ratio the target is about) and with the CAS heatmap (``paper+heatmap``); nnU-Net's predictor returns and blends 118 logits per voxel,
 then the argmax is taken in chunks. Each model runs in its own process (peak RSS); MACs are
 FLOPs / 2 from ``torch.utils.flop_counter.FlopCounterMode`` on one window.
 
@@ -34,6 +35,8 @@ import torch
 PATCH = (128, 128, 128)
 CLASSES = 118
 TARGET = 0.5
+# "paper" is segmentation alone (what nnU-Net does); "paper+heatmap" adds the CAS decoder's map.
+WITH_HEATMAP = "+heatmap"
 NNUNET_CONFIG = {
     "network": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "input_channels": 1,
@@ -135,17 +138,25 @@ def child(name: str, grid_path: str, overlap: float, device_name: str) -> None:
         def run():
             return predict_nnunet(network, image, overlap, device, amp)
     else:
-        config = load_preset(name)
+        preset, heatmap = name.removesuffix(WITH_HEATMAP), name.endswith(WITH_HEATMAP)
+        config = load_preset(preset)
         config.patch_size = list(PATCH)
         network = VoilaModel(config, text_dim=512).to(device).eval()
         parameters = network.trainable_parameters()
-        macs = macs_per_window(network, device)
+        macs = macs_per_window(network if heatmap else network.voxel_tokens, device)
         with torch.no_grad():
             embeddings = network.class_embeddings(torch.randn(CLASSES - 1, 512, device=device))
 
         def run():
             return predict_grid(
-                network, embeddings, image, PATCH, overlap=overlap, device=device, amp_dtype=amp
+                network,
+                embeddings,
+                image,
+                PATCH,
+                overlap=overlap,
+                device=device,
+                amp_dtype=amp,
+                heatmap=heatmap,
             ).labels
 
     windows = {"count": 0}
@@ -182,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap (nnU-Net's step 0.5)")
     parser.add_argument("--spacing", type=float, default=1.5, help="model grid in mm")
-    parser.add_argument("--models", default="nnunet,paper,small")
+    parser.add_argument("--models", default="nnunet,paper,paper+heatmap,small")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "GRID", "OVERLAP", "DEVICE"))
     args = parser.parse_args()
     if args.child:

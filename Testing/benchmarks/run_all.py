@@ -16,7 +16,7 @@ import time
 
 import benchlib
 
-BENCHMARKS = ("prompt_scaling", "memory", "vs_nnunet", "training", "ablation")
+BENCHMARKS = ("prompt_scaling", "memory", "vs_nnunet", "training", "ablation", "train_phantoms")
 
 
 def main() -> int:

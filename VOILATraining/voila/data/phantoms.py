@@ -1,7 +1,9 @@
 """Synthetic abdominal CT phantoms with TotalSegmentator-named structures, for tests and demos.
 
-A phantom is a body ellipsoid (subcutaneous fat around soft tissue, air outside) holding organs
-with realistic Hounsfield values, in a random pose and size, plus Gaussian noise. Anatomy follows
+A phantom is a body ellipsoid (air outside; subcutaneous fat, an abdominal muscle wall, and a
+cavity of visceral fat) holding organs with the Hounsfield values of a portal-venous contrast CT
+(the phase most abdominal CTs are taken in, and the one TotalSegmentator's data mostly show), in a
+random pose and size, plus Gaussian noise. Anatomy follows
 the RAS world: +x is the patient's Right, +y Anterior, +z Superior, so the liver and the right
 kidney lie at larger x than the spleen and the left kidney.
 
@@ -25,28 +27,31 @@ from voila.data.io import atomic_path, write_volume
 PathLike = Union[str, "os.PathLike[str]"]
 
 AIR_HU = -1000.0
-FAT_HU = -100.0
-SOFT_TISSUE_HU = 40.0
+FAT_HU = -100.0  # subcutaneous
+MUSCLE_HU = 50.0  # abdominal wall
+VISCERAL_FAT_HU = -80.0  # mesenteric / retroperitoneal fat around the organs
 NOISE_HU = 12.0
 
 # name: (HU, centre, radii) in body-normalised coordinates (the body ellipsoid has radii ~1),
 # x towards the patient's right, y anterior, z superior. Where they overlap the later one wins.
+# Portal-venous phase: enhanced liver, spleen, kidneys and aorta; bile and urine stay near water.
 _ELLIPSOIDS = {
-    "liver": (60.0, (0.38, 0.05, 0.30), (0.38, 0.45, 0.32)),
-    "spleen": (50.0, (-0.50, -0.15, 0.35), (0.15, 0.22, 0.20)),
-    "kidney_right": (35.0, (0.35, -0.35, -0.15), (0.13, 0.14, 0.24)),
-    "kidney_left": (35.0, (-0.35, -0.35, -0.10), (0.13, 0.14, 0.24)),
+    "liver": (100.0, (0.38, 0.05, 0.30), (0.38, 0.45, 0.32)),
+    "spleen": (110.0, (-0.50, -0.15, 0.35), (0.15, 0.22, 0.20)),
+    "kidney_right": (150.0, (0.35, -0.35, -0.15), (0.13, 0.14, 0.24)),
+    "kidney_left": (150.0, (-0.35, -0.35, -0.10), (0.13, 0.14, 0.24)),
     "urinary_bladder": (10.0, (0.0, 0.15, -0.80), (0.22, 0.20, 0.15)),
     # Sits in the liver's inferior-medial surface, so it always touches the liver.
     "gallbladder": (15.0, (0.22, 0.22, 0.05), (0.10, 0.10, 0.14)),
 }
-_AORTA = (200.0, (-0.08, -0.30), 0.09)  # HU, (x, y) of the tube's axis, radius
+_AORTA = (170.0, (-0.08, -0.30), 0.09)  # HU, (x, y) of the tube's axis, radius
 _VERTEBRAE = ("vertebrae_L3", "vertebrae_L2", "vertebrae_L1")  # inferior to superior
 _BONE_HU = 700.0
 _SPINE_AXIS = (0.0, -0.62)
 _SPINE_RADIUS = 0.16
 _BODY_RADII = (0.95, 0.80, 1.6)
-_FAT_SHELL = 0.88  # inner ellipsoid scale: outside it, inside the body, is fat
+_MUSCLE_SHELL = 0.88  # inner ellipsoid scales: subcutaneous fat outside 0.88, muscle wall to 0.80,
+_CAVITY = 0.80  # visceral fat inside
 
 STRUCTURES = (*_ELLIPSOIDS, "aorta", *_VERTEBRAE)
 
@@ -82,7 +87,8 @@ def make_phantom(
     body = _ellipsoid(x, y, z, (0, 0, 0), _BODY_RADII)
     ct = np.full(shape, AIR_HU, dtype=np.float32)
     ct[body] = FAT_HU
-    ct[_ellipsoid(x, y, z, (0, 0, 0), tuple(r * _FAT_SHELL for r in _BODY_RADII))] = SOFT_TISSUE_HU
+    ct[_ellipsoid(x, y, z, (0, 0, 0), tuple(r * _MUSCLE_SHELL for r in _BODY_RADII))] = MUSCLE_HU
+    ct[_ellipsoid(x, y, z, (0, 0, 0), tuple(r * _CAVITY for r in _BODY_RADII))] = VISCERAL_FAT_HU
 
     labels: dict[str, np.ndarray] = {}
     for name, (_, centre, radii) in _ELLIPSOIDS.items():

@@ -111,16 +111,23 @@ def predict_grid(
         if cancel is not None and cancel.is_set():
             raise Cancelled("segmentation cancelled")
         window = window.to(device=device, dtype=torch.float32)
+        # (B, M + 1, ...) in the buffer's precision, filled in place: no float32 concatenation
+        blended_channels = torch.zeros(
+            (window.shape[0], token_dim + 1, *window.shape[2:]), dtype=buffer_dtype, device=device
+        )
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if heatmap:
                 tokens, complexity = model(window)
+                blended_channels[:, token_dim:] = complexity
+                del complexity
             else:  # the CAS decoder is about 40 % of a window's cost: skip it when no heatmap is wanted
                 tokens = model.voxel_tokens(window)
-                complexity = torch.zeros_like(tokens[:, :1])
+            blended_channels[:, :token_dim] = tokens
+        del tokens
         done += window.shape[0]
         if progress is not None:
             progress(min(done / total, 1.0))
-        return torch.cat([tokens, complexity], dim=1).to(buffer_dtype)
+        return blended_channels
 
     blended = sliding_window_inference(
         image[None].to(buffer_dtype),

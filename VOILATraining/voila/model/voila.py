@@ -78,7 +78,8 @@ class VoilaModel(nn.Module):
 
     def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference: unit voxel tokens ``(B, M, D, H, W)`` and the complexity heatmap ``(B, 1, D, H, W)``."""
-        return self.voxel_tokens(ct), self.cas.sample(ct, deterministic=True)
+        heatmap = self.cas.sample(ct, deterministic=True)  # first: its full-resolution maps are gone
+        return self.voxel_tokens(ct), heatmap  # before the tokens' are made (lower peak memory)
 
     def losses(
         self,

@@ -116,11 +116,24 @@ class UpsampleBlock(nn.Sequential):
             nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
         )
 
+    def before_upsampling(self, x: torch.Tensor) -> torch.Tensor:
+        """conv → norm → ReLU only: ``(B, C_in, d, h, w)`` → ``(B, C_out, d, h, w)``."""
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
 
 class SemanticFPNNeck(nn.Module):
     """Brings each stage to full resolution (one up-block per factor of 2) and fuses by a 1³ conv.
 
     Input: the backbone's feature list; output ``(B, token_dim, D, H, W)`` at the input size.
+
+    The 1³ fusion and the trilinear upsampling are both linear, and the interpolation weights sum
+    to one (so the bias passes unchanged): fusing *before* the last ×2 upsampling of every branch
+    and upsampling the fused ``token_dim`` channels once is the same arithmetic on an eighth of the
+    voxels. That is what :meth:`forward` does whenever the branches meet at the same half-resolution
+    size (any input divisible by the backbone's total stride, e.g. every sliding window); other
+    sizes take the branch-by-branch path, :meth:`forward_full_resolution`.
     """
 
     def __init__(self, in_channels: list[int], strides: list[int], channels: int, token_dim: int, norm: str):
@@ -128,21 +141,49 @@ class SemanticFPNNeck(nn.Module):
         self.branches = nn.ModuleList()
         for c, stride in zip(in_channels, strides):
             steps = int(round(math.log2(stride)))
+            if steps < 1:
+                raise ValueError(f"every backbone stage needs a stride >= 2 (got {stride})")
             blocks = [UpsampleBlock(c if i == 0 else channels, channels, norm) for i in range(steps)]
             self.branches.append(nn.Sequential(*blocks))
         self.fuse = nn.Conv3d(channels * len(in_channels), token_dim, 1)
 
-    def forward(self, features: list[torch.Tensor], size: tuple[int, int, int]) -> torch.Tensor:
-        # fuse(concat(maps)) == bias + sum_i W_i · map_i: adding each branch's share as soon as it
-        # exists keeps one full-resolution map alive instead of all four (same weights, same result)
+    def _fuse_share(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Branch ``index``'s part of the 1³ fusion (the bias is added once, with branch 0)."""
         width = self.fuse.in_channels // len(self.branches)
+        weight = self.fuse.weight[:, index * width : (index + 1) * width]
+        return F.conv3d(x, weight, self.fuse.bias if index == 0 else None)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int, int]) -> torch.Tensor:
+        # every branch up to half resolution: (B, channels, D/2, H/2, W/2) when the sizes agree
+        half_resolution = [branch[:-1](f) for branch, f in zip(self.branches, features)]
+        if len({tuple(x.shape[2:]) for x in half_resolution}) != 1:
+            return self._full_resolution(half_resolution, size)
+        fused = None
+        for index, branch in enumerate(self.branches):
+            share = self._fuse_share(index, branch[-1].before_upsampling(half_resolution[index]))
+            half_resolution[index] = None
+            fused = share if fused is None else fused.add_(share)
+        out = F.interpolate(fused, scale_factor=2, mode="trilinear", align_corners=False)
+        if tuple(out.shape[2:]) != tuple(size):  # odd input sizes: align to the exact input grid
+            out = F.interpolate(out, size=size, mode="trilinear", align_corners=False)
+        return out
+
+    def forward_full_resolution(
+        self, features: list[torch.Tensor], size: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """Every branch to full resolution, then fused, one branch at a time (the reference path)."""
+        return self._full_resolution([branch[:-1](f) for branch, f in zip(self.branches, features)], size)
+
+    def _full_resolution(
+        self, half_resolution: list[torch.Tensor], size: tuple[int, int, int]
+    ) -> torch.Tensor:
         out = None
-        for index, (branch, feature) in enumerate(zip(self.branches, features)):
-            x = branch(feature)
-            if tuple(x.shape[2:]) != tuple(size):  # odd input sizes: align to the exact input grid
+        for index, branch in enumerate(self.branches):
+            x = branch[-1](half_resolution[index])
+            half_resolution[index] = None  # free the half-resolution map as soon as it is used
+            if tuple(x.shape[2:]) != tuple(size):
                 x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-            weight = self.fuse.weight[:, index * width : (index + 1) * width]
-            share = F.conv3d(x, weight, self.fuse.bias if index == 0 else None)
+            share = self._fuse_share(index, x)
             del x
             out = share if out is None else out.add_(share)
         return out

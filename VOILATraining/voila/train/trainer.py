@@ -431,7 +431,11 @@ class Trainer:
                 )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=f"{self.epoch + 1}/{config.epochs}", loss=f"{running['loss']:.4f}")
+                postfix = {"epoch": f"{self.epoch + 1}/{config.epochs}", "loss": f"{running['loss']:.4f}"}
+                if config.max_minutes is not None:  # the bar's ETA is for all epochs; say when the box ends
+                    left = config.max_minutes * 60 - (time.monotonic() - self.session_start)
+                    postfix["time box left"] = f"{max(left, 0) / 60:.1f} min"
+                bar.set_postfix(postfix)
             self._report("train", loss=running["loss"])
             out_of_time = config.max_minutes is not None and (
                 time.monotonic() - self.session_start > config.max_minutes * 60
