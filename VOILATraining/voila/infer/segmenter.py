@@ -303,15 +303,20 @@ class Segmenter:
         row_to_label = torch.zeros(len(self.classes) + len(resolved) + 1, dtype=torch.int64)
         for label, p in enumerate(resolved, start=1):
             row_to_label[p.row] = label
-        grid_labels = row_to_label[prediction.labels]
+        grid_labels = row_to_label[prediction.labels].flatten()
         grid_ml = abs(float(np.linalg.det(grid_affine[:3, :3]))) / 1000.0
         trained_rows = torch.zeros(len(row_to_label), dtype=torch.bool)
         trained_rows[1 : len(self.classes)] = True
+        # voxels and summed confidence of every label in one pass each (not one pass per prompt)
+        counts = torch.bincount(grid_labels, minlength=len(resolved) + 1)
+        confidence_sums = torch.bincount(
+            grid_labels, weights=prediction.probability.flatten().double(), minlength=len(resolved) + 1
+        )
+        keep = torch.arange(len(resolved) + 1)  # label -> label, or 0 for a prompt not found
         results = []
         for label, p in enumerate(resolved, start=1):
-            region = grid_labels == label
-            voxels = int(region.sum())
-            confidence = float(prediction.probability[region].mean()) if voxels else 0.0
+            voxels = int(counts[label])
+            confidence = float(confidence_sums[label] / voxels) if voxels else 0.0
             structure = p.structure
             note, found = "", True
             if voxels * grid_ml < MIN_VOLUME_ML:
@@ -319,7 +324,7 @@ class Segmenter:
             elif confidence < CONFIDENCE_FLOOR:
                 found, note = False, f"confidence {confidence:.2f} below the floor {CONFIDENCE_FLOOR}"
             elif not p.trained:
-                runner_up = prediction.runner_up[region]
+                runner_up = prediction.runner_up.flatten()[grid_labels == label]
                 stolen = trained_rows[runner_up]
                 if float(stolen.float().mean()) > STOLEN_FRACTION:
                     name = self.classes[int(torch.mode(runner_up[stolen]).values)]
@@ -330,7 +335,7 @@ class Segmenter:
                         f"ask for {known!r} if that is what you mean"
                     )
             if not found:
-                grid_labels[region] = 0
+                keep[label] = 0
             elif not p.trained:
                 note = "open vocabulary: the model was not trained on this structure; check the result"
             results.append(
@@ -351,6 +356,7 @@ class Segmenter:
                     note=note,
                 )
             )
+        grid_labels = keep.to(torch.int32)[grid_labels].view(prediction.labels.shape)
         return results, grid_labels.numpy().astype(label_dtype)
 
 
