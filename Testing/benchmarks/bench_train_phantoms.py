@@ -10,7 +10,7 @@ Prints the table and writes ``Testing/benchmarks/results/train_phantoms.json``.
 
 Run::
 
-    python Testing/benchmarks/bench_train_phantoms.py      # --minutes 10 --epochs 28 --work /tmp/voila-bench
+    python Testing/benchmarks/bench_train_phantoms.py      # --minutes 10 --epochs 30 --work /tmp/voila-bench
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.90)
     parser.add_argument(
-        "--epochs", type=int, default=28, help="25 steps each; the cosine schedule ends with the last one"
+        "--epochs", type=int, default=30, help="25 steps each; the cosine schedule ends with the last one"
     )
     args = parser.parse_args(argv)
     info = benchlib.machine()

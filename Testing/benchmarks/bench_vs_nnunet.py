@@ -160,7 +160,10 @@ def child(name: str, grid_path: str, overlap: float, device_name: str) -> None:
             ).labels
 
     windows = {"count": 0}
-    network.register_forward_hook(lambda *_: windows.__setitem__("count", windows["count"] + 1))
+    # one call per window: the whole network for nnU-Net, the voxel encoder for VOILA (with or
+    # without the heatmap, predict_grid runs it once per window)
+    counted = network if name == "nnunet" else network.voxel_encoder
+    counted.register_forward_hook(lambda *_: windows.__setitem__("count", windows["count"] + 1))
     if device.type == "cuda":
         run()  # CUDA warm-up (kernel selection) over the whole CT
         torch.cuda.synchronize()
