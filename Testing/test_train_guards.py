@@ -20,6 +20,7 @@ from voila.data.io import write_volume
 from voila.data.phantoms import write_phantom_dataset
 from voila.errors import ConfigError, DatasetError, OutputError, TrainingError
 from voila.model.model_file import read_model_card
+from voila.train.checkpoint import RunLock
 from voila.train.config import load_train_config
 from voila.train.data import TrainingData
 from voila.vocabulary import Vocabulary
@@ -162,6 +163,25 @@ def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, phantoms):
     assert (out / ".voila-train.lock").read_text().split()[0] == str(other.pid), (
         "the other run's lock is untouched"
     )
+
+
+def test_taking_the_run_lock_removes_half_written_files_of_a_killed_run_only(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the writer SIGKILLed mid-checkpoint
+    stale = out / "checkpoints" / f".last.pt.partial-{dead.pid}.pt"
+    live = out / f".model.safetensors.partial-{os.getpid()}.safetensors"  # a writer still running
+    kept = out / "checkpoints" / "last.pt"
+    for path in (stale, live, kept):
+        path.write_bytes(b"half")
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        assert not stale.exists()
+        assert live.exists() and kept.exists()
+    finally:
+        lock.release()
 
 
 def test_an_output_folder_that_cannot_be_created_raises_output_error(tmp_path, phantoms):

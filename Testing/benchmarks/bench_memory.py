@@ -77,7 +77,9 @@ def child(model_path: str, ct_path: str, affine_path: str, overlap: float, devic
             print(f"{fraction:5.0%}  {time.perf_counter() - started:6.1f} s", flush=True)
 
     windows = {"count": 0}
-    segmenter.model.voxel_encoder.register_forward_hook(lambda *_: windows.__setitem__("count", windows["count"] + 1))
+    segmenter.model.voxel_encoder.register_forward_hook(
+        lambda *_: windows.__setitem__("count", windows["count"] + 1)
+    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

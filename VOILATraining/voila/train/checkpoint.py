@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import random
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,7 @@ class RunLock:
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(self.token + "\n")
             self.held = True
+            remove_stale_partials(self.path.parent)
             return
         raise TrainingError(
             f"cannot take the lock {self.path}; remove it if no training run uses this folder"
@@ -166,6 +168,22 @@ class RunLock:
             if self.path.read_text(encoding="utf-8").strip() == self.token:
                 self.path.unlink()
         self.held = False
+
+
+_PARTIAL = re.compile(r"^\..+\.partial-(\d+)")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete half-written files (``.<name>.partial-<pid>…``, see ``atomic_path``) that a killed run
+    left in ``folder``; called with the run lock held, so their writer is gone. Returns them."""
+    removed = []
+    for path in folder.rglob(".*.partial-*"):
+        match = _PARTIAL.match(path.name)
+        if match and path.is_file() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def check_output_folder(folder: Path) -> None:
