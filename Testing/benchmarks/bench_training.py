@@ -27,7 +27,7 @@ MODES = (("cas", "CAS 0.1"), ("random", "random 0.1"), ("none", "no sampling"))
 
 def child(mode: str, features_path: str, size: int, spacing: float, steps: int, device: str) -> None:
     data = pt.PhantomData.create(4, 0, size, spacing)
-    features = torch.load(features_path)
+    features = torch.load(features_path, weights_only=True)  # a plain tensor: never unpickle code
     run = pt.TrainingRun(pt.build_model("tiny", "language", data), data, features, mode, device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

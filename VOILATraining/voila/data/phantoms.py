@@ -50,8 +50,10 @@ _BONE_HU = 700.0
 _SPINE_AXIS = (0.0, -0.62)
 _SPINE_RADIUS = 0.16
 _BODY_RADII = (0.95, 0.80, 1.6)
-_MUSCLE_SHELL = 0.88  # inner ellipsoid scales: subcutaneous fat outside 0.88, muscle wall to 0.80,
-_CAVITY = 0.80  # visceral fat inside
+# Inner ellipsoid scales: subcutaneous fat outside 0.88, abdominal muscle wall from 0.88 to 0.80,
+# visceral fat inside 0.80.
+_MUSCLE_SHELL = 0.88
+_CAVITY = 0.80
 
 STRUCTURES = (*_ELLIPSOIDS, "aorta", *_VERTEBRAE)
 

@@ -78,8 +78,10 @@ class VoilaModel(nn.Module):
 
     def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference: unit voxel tokens ``(B, M, D, H, W)`` and the complexity heatmap ``(B, 1, D, H, W)``."""
-        heatmap = self.cas.sample(ct, deterministic=True)  # first: its full-resolution maps are gone
-        return self.voxel_tokens(ct), heatmap  # before the tokens' are made (lower peak memory)
+        # the heatmap first, so that the CAS decoder's full-resolution maps are freed before the
+        # tokens exist (lower peak memory per window)
+        heatmap = self.cas.sample(ct, deterministic=True)
+        return self.voxel_tokens(ct), heatmap
 
     def losses(
         self,
