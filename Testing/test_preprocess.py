@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import RandFlipd
 from scipy.spatial.transform import Rotation
 from voila.data.io import read_image
 from voila.data.preprocess import (
@@ -233,12 +232,11 @@ def test_real_ct_liver_round_trips_to_the_input_grid(resources):
     assert _dice(back > 0, liver > 0) > 0.97
 
 
-def test_training_transforms_give_patches_without_left_right_flips():
+def test_training_transforms_give_patches():
     ct, labels, affine = _ras_variant()
     pipeline = training_transforms(
         CONFIG, patch_size=(72, 80, 80), foreground_oversampling=1.0, num_samples=1
     )
-    assert all(t.flipper.spatial_axis != 0 for t in pipeline.transforms if isinstance(t, RandFlipd))
     pipeline.set_random_state(seed=0)
     for _ in range(4):
         (sample,) = pipeline(
@@ -252,6 +250,31 @@ def test_training_transforms_give_patches_without_left_right_flips():
         label = sample["label"][0].numpy()
         left, right = (np.nonzero(label == value)[0].mean() for value in (LEFT, RIGHT))
         assert left < right
+
+
+def test_training_augmentation_never_mirrors_anatomy():
+    """Two blobs, one at lower index than the other on every axis, stay in that order on every axis
+    through 40 augmented patches: a mirror along any axis (left-right, front-back, head-feet) would
+    swap them in about half of the draws."""
+    shape = (40, 40, 40)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    ct = np.full(shape, 40.0, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.float32)
+    labels[8:16, 8:16, 8:16] = 1
+    labels[24:32, 24:32, 24:32] = 2
+    ct[labels > 0] = 200.0
+    pipeline = training_transforms(CONFIG, patch_size=shape, foreground_oversampling=1.0)
+    pipeline.set_random_state(seed=3)
+    for _ in range(40):
+        (sample,) = pipeline(
+            {
+                "image": MetaTensor(torch.from_numpy(ct), affine=torch.from_numpy(affine)),
+                "label": MetaTensor(torch.from_numpy(labels), affine=torch.from_numpy(affine)),
+            }
+        )
+        label = np.asarray(sample["label"][0])
+        first, second = (np.argwhere(np.rint(label) == value).mean(axis=0) for value in (1, 2))
+        assert np.all(first < second), (first, second)
 
 
 def test_training_pipeline_can_be_sent_to_data_loader_workers():

@@ -1,10 +1,13 @@
 """Training-only random augmentation, appended to the shared deterministic preprocessing.
 
-Patches are cropped with nnU-Net-style foreground oversampling, then flipped, rotated, zoomed and
-intensity-jittered. Flips never mirror the left-right axis: after RAS orientation array axis 0 is
-world x (patient right-left), and a mirrored ``kidney_left`` would sit where a right kidney belongs
-while still labelled left — the network would be taught that laterality is arbitrary. Rotations are
-small for the same reason.
+Patches are cropped with nnU-Net-style foreground oversampling, then rotated, zoomed and
+intensity-jittered. There is no mirroring, along any axis. Every CT is reoriented to RAS first, so
+the model only ever sees anatomy the right way round, and a mirrored patch would teach it
+something false: mirroring left-right puts a ``kidney_left`` where the right kidney belongs while
+still calling it left; mirroring head-feet or front-back puts L3 above L1, or the spine in front of
+the aorta, so the neighbourhood that tells vertebral levels and organs apart stops meaning anything.
+TotalSegmentator trains its nnU-Net models without mirroring (``nnUNetTrainerNoMirroring``) for the
+same reason. Rotations are small, so that they stay plausible patient poses.
 
 >>> pipeline = training_transforms(PreprocessingConfig(), patch_size=(128, 128, 128))
 >>> samples = pipeline({"image": ct_metatensor, "label": labelmap_metatensor})   # list of patches
@@ -18,7 +21,6 @@ from collections.abc import Sequence
 from monai.transforms import (
     Compose,
     RandCropByPosNegLabeld,
-    RandFlipd,
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -28,9 +30,7 @@ from monai.transforms import (
 
 from voila.data.preprocess import PreprocessingConfig, deterministic_transforms
 
-# Array axis of world x after RAS orientation: never flipped (laterality, see module docstring).
-LEFT_RIGHT_AXIS = 0
-FLIP_AXES = (1, 2)
+# Rotation ranges (radians) about the left-right axis (array axis 0 after RAS) and the others.
 ROTATION_LEFT_RIGHT_AXIS = math.radians(15.0)
 ROTATION_OTHER_AXES = math.radians(8.0)
 
@@ -68,7 +68,6 @@ def training_transforms(
                 neg=1.0 - foreground_oversampling,
                 num_samples=num_samples,
             ),
-            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in FLIP_AXES),
             RandRotated(
                 keys,
                 range_x=ROTATION_LEFT_RIGHT_AXIS,

@@ -230,7 +230,7 @@ def patch_transforms(
     """The random part of :func:`voila.data.transforms.training_transforms`, split in two.
 
     Returns ``(crop, augmentation)``: padding + foreground-oversampled crop, then the random
-    flips/rotations/zoom/intensity (empty when ``augment`` is False). The deterministic prefix,
+    rotations/zoom/intensity (empty when ``augment`` is False). The deterministic prefix,
     shared with inference, is applied once per case when the data is prepared.
     """
     full = training_transforms(preprocessing, patch_size, foreground_oversampling).transforms
