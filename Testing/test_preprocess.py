@@ -204,6 +204,41 @@ def test_resample_to_grid_is_exact_through_affines_and_zero_outside():
     np.testing.assert_array_equal(outside[3:7], labels)
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_axis_aligned_resampling_equals_the_general_path(case):
+    """The per-axis fast path (scaled permutations: flips, axis swaps, other spacings, offsets,
+    targets partly outside the source) gives what map_coordinates gives: labels exactly,
+    values to float32 rounding. Exact half-voxel ties (twice finer grids) are included."""
+    from voila.data.preprocess import _resample_general
+
+    rng = np.random.default_rng(case)
+    source_shape = tuple(int(n) for n in rng.integers(5, 14, size=3))
+    values = rng.random(source_shape).astype(np.float32)
+    labels = rng.integers(0, 7, size=source_shape).astype(np.uint8)
+    source_affine = _grid_affine(source_shape, tuple(rng.choice([0.8, 1.5, 2.0, 3.0], size=3)))
+    permutation = np.eye(3)[rng.permutation(3)] * rng.choice([-1.0, 1.0], size=3)[:, None]
+    ties = case % 3 == 0  # a twice finer target whose voxel centres fall on source voxel boundaries
+    scales = np.full(3, 0.5) if ties else rng.choice([0.5, 0.75, 1.0, 1.3, 2.0], size=3)
+    target_to_source = np.eye(4)
+    target_to_source[:3, :3] = permutation * scales[None, :]
+    target_shape = tuple(int(n) for n in rng.integers(6, 20, size=3))
+    # the target's centre near the source's centre, so they overlap but the target sticks out
+    centre = (np.asarray(source_shape) - 1) / 2 + rng.uniform(-3, 3, size=3)
+    origin = centre - target_to_source[:3, :3] @ ((np.asarray(target_shape) - 1) / 2)
+    target_to_source[:3, 3] = np.round(origin * 2) / 2 if ties else origin
+    target_affine = source_affine @ target_to_source
+    to_source = np.linalg.inv(source_affine) @ target_affine
+    rows, cols = to_source[:3, :3], to_source[:3, 3]
+
+    fast_labels = resample_to_grid(labels, source_affine, target_shape, target_affine, 0)
+    np.testing.assert_array_equal(fast_labels, _resample_general(labels, rows, cols, target_shape, 0))
+    assert fast_labels.dtype == np.uint8 and fast_labels.any()
+    fast_values = resample_to_grid(values, source_affine, target_shape, target_affine, 1)
+    general = _resample_general(values, rows, cols, target_shape, 1)
+    assert fast_values.dtype == np.float32
+    np.testing.assert_allclose(fast_values, general, atol=1e-5)
+
+
 def test_resample_to_grid_memory_beyond_the_output_is_bounded():
     values = np.random.default_rng(0).random((40, 40, 30)).astype(np.float32)
     source = _grid_affine(values.shape, (10.0, 10.0, 10.0))

@@ -215,6 +215,11 @@ def resample_to_grid(
     more than half a source voxel outside the source grid get 0; inside that half-voxel rim the edge
     value is used. Works in slabs along the first target axis, so memory beyond the output is
     bounded (~100 MB) whatever the target size.
+
+    When every target axis runs along one source axis (the usual case: the model grid is the
+    input's RAS reorientation at another spacing, so the map is a scaled permutation) the
+    sampling is separable and done per axis, several times faster than the general
+    ``map_coordinates`` path and equal to it (labels exactly, values to float32 rounding).
     """
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
@@ -227,10 +232,19 @@ def resample_to_grid(
     target_to_source = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ np.asarray(
         target_affine, dtype=np.float64
     )
-    out_dtype = values.dtype if order == 0 else np.float32
     source = values if order == 0 else values.astype(np.float32, copy=False)
-    output = np.zeros(target_shape, dtype=out_dtype)
     rows, cols = np.asarray(target_to_source[:3, :3]), target_to_source[:3, 3]
+    feeding = _source_axis_of_each_target_axis(rows)
+    if feeding is not None:
+        return _resample_axis_aligned(source, rows, cols, feeding, target_shape, order)
+    return _resample_general(source, rows, cols, target_shape, order)
+
+
+def _resample_general(
+    source: np.ndarray, rows: np.ndarray, cols: np.ndarray, target_shape: tuple[int, int, int], order: int
+) -> np.ndarray:
+    """:func:`resample_to_grid` for any affine map: ``map_coordinates`` slab by slab."""
+    output = np.zeros(target_shape, dtype=source.dtype)
 
     _, n_j, n_k = target_shape
     j = np.arange(n_j, dtype=np.float64)[:, None]
@@ -245,7 +259,7 @@ def resample_to_grid(
         for axis in range(3):
             np.add(rows[axis, 0] * i, in_plane[axis], out=slab_coords[axis])
             inside &= slab_coords[axis] >= -0.5
-            inside &= slab_coords[axis] <= values.shape[axis] - 0.5
+            inside &= slab_coords[axis] <= source.shape[axis] - 0.5
         if inside.any():
             slab = output[start : start + len(i)]
             ndimage.map_coordinates(
@@ -253,3 +267,70 @@ def resample_to_grid(
             )
             slab[~inside] = 0
     return output
+
+
+def _source_axis_of_each_target_axis(rows: np.ndarray) -> list[int] | None:
+    """For a target→source linear map that is a scaled permutation, the source axis each target
+    axis runs along; None for any oblique map."""
+    nonzero = np.abs(rows) > 1e-12 * np.abs(rows).max()
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    return [int(np.argmax(nonzero[:, target_axis])) for target_axis in range(3)]
+
+
+def _resample_axis_aligned(
+    source: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    feeding: list[int],
+    target_shape: tuple[int, int, int],
+    order: int,
+) -> np.ndarray:
+    """:func:`resample_to_grid` for axis-aligned grids: per-axis indices (and weights)."""
+    # the source seen in target axis order: axis t of `ordered` is the source axis feeding target axis t
+    ordered = source.transpose(feeding)
+    coordinates, inside = [], []
+    for target_axis, source_axis in enumerate(feeding):
+        # the same arithmetic as the general path, so both round identically
+        c = rows[source_axis, target_axis] * np.arange(target_shape[target_axis], dtype=np.float64)
+        c = c + cols[source_axis]
+        coordinates.append(c)
+        inside.append((c >= -0.5) & (c <= ordered.shape[target_axis] - 0.5))
+    if order == 0:
+        # map_coordinates' order-0 rule: floor(c + 0.5), clamped to the grid ("nearest" mode)
+        index = [
+            np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.intp) for c, n in zip(coordinates, ordered.shape)
+        ]
+        output = ordered[np.ix_(*index)]
+    else:
+        output = np.empty(target_shape, dtype=np.float32)
+        low, weight = [], []
+        for c, n in zip(coordinates, ordered.shape):
+            clamped = np.clip(c, 0, n - 1)
+            first = np.clip(np.floor(clamped), 0, max(n - 2, 0)).astype(np.intp)
+            low.append(first)
+            weight.append((clamped - first).astype(np.float32))
+        step = max(1, _SLAB_VOXELS // max(1, target_shape[1] * target_shape[2]))
+        for start in range(0, target_shape[0], step):
+            part = slice(start, min(start + step, target_shape[0]))
+            slab = _lerp(ordered, low[0][part], weight[0][part], 0)
+            slab = _lerp(slab, low[1], weight[1], 1)
+            output[part] = _lerp(slab, low[2], weight[2], 2)
+    for axis, mask in enumerate(inside):
+        if not mask.all():
+            where = [slice(None)] * 3
+            where[axis] = ~mask
+            output[tuple(where)] = 0
+    return output
+
+
+def _lerp(values: np.ndarray, low: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` between index ``low`` and ``low + 1`` (float32)."""
+    shape = [1, 1, 1]
+    shape[axis] = len(low)
+    w = weight.reshape(shape)
+    below = np.take(values, low, axis=axis).astype(np.float32, copy=False)
+    if values.shape[axis] == 1:
+        return below
+    above = np.take(values, low + 1, axis=axis).astype(np.float32, copy=False)
+    return below + (above - below) * w
