@@ -10,8 +10,9 @@ have untrained weights (cost does not depend on them).
 
 Every model sees the same input: the bundled CT preprocessed once by voila's shared
 preprocessing to the ``--spacing`` grid (1.5 mm: TotalSegmentator's full-resolution model), and
-the same MONAI ``sliding_window_inference`` (128³ windows, ``--overlap``, Gaussian blending,
-blending buffer on the CPU in float16 above 1 GiB as ``voila.infer.sliding_window`` does). VOILA
+the same blending code, :func:`voila.infer.sliding_window.blend_windows` (MONAI's
+``sliding_window_inference``: 128³ windows, ``--overlap``, Gaussian weights, a CPU buffer in
+float16 above 1 GiB). VOILA
 runs its real predictor (:func:`voila.infer.sliding_window.predict_grid`: 33 blended channels,
 then 118 class logits in chunks), for segmentation alone (``paper``, ``small``: the task nnU-Net
 does, and the ratio the target is about) and with the CAS heatmap (``paper+heatmap``); nnU-Net's predictor returns and blends 118 logits per voxel,
@@ -90,12 +91,11 @@ def macs_per_window(forward, device: torch.device) -> int:
 
 def predict_nnunet(network, image: torch.Tensor, overlap: float, device: torch.device, amp) -> torch.Tensor:
     """nnU-Net-style prediction: blend 118 logits per voxel, then argmax in chunks."""
-    from monai.inferers import sliding_window_inference
-    from voila.infer.sliding_window import CHUNK_VOXELS, HALF_PRECISION_BUFFER_BYTES
+    from voila.infer.sliding_window import CHUNK_VOXELS, blend_windows, blending_dtype
 
     spatial = tuple(image.shape[1:])
     voxels = int(np.prod(spatial))
-    buffer_dtype = torch.float16 if CLASSES * voxels * 4 > HALF_PRECISION_BUFFER_BYTES else torch.float32
+    buffer_dtype = blending_dtype(CLASSES, spatial)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         window = window.to(device=device, dtype=torch.float32)
@@ -103,18 +103,7 @@ def predict_nnunet(network, image: torch.Tensor, overlap: float, device: torch.d
             return network(window).to(buffer_dtype)
 
     with torch.no_grad():
-        logits = sliding_window_inference(
-            image[None].to(buffer_dtype),
-            roi_size=PATCH,
-            sw_batch_size=1,
-            predictor=predictor,
-            overlap=overlap,
-            mode="gaussian",
-            padding_mode="constant",
-            cval=float(image.min()),
-            sw_device=device,
-            device=torch.device("cpu"),
-        )[0].reshape(CLASSES, -1)
+        logits = blend_windows(image, predictor, PATCH, overlap, buffer_dtype, device).reshape(CLASSES, -1)
         labels = torch.empty(voxels, dtype=torch.int64)
         for start in range(0, voxels, CHUNK_VOXELS):
             labels[start : start + CHUNK_VOXELS] = logits[:, start : start + CHUNK_VOXELS].argmax(dim=0)

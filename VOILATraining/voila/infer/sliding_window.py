@@ -56,6 +56,42 @@ def count_windows(image_size: Sequence[int], patch_size: Sequence[int], overlap:
     return total
 
 
+def blending_dtype(channels: int, spatial_size: Sequence[int]) -> torch.dtype:
+    """float16 for a blending buffer of ``channels`` maps that would exceed
+    :data:`HALF_PRECISION_BUFFER_BYTES` in float32, else float32."""
+    voxels = math.prod(int(n) for n in spatial_size)
+    return torch.float16 if channels * voxels * 4 > HALF_PRECISION_BUFFER_BYTES else torch.float32
+
+
+def blend_windows(
+    image: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    patch_size: Sequence[int],
+    overlap: float,
+    buffer_dtype: torch.dtype,
+    device: torch.device,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """MONAI sliding windows over ``image`` ``(1, D, H, W)`` with Gaussian blending: ``(C, D, H, W)``.
+
+    ``predictor`` maps windows ``(B, 1, *patch_size)`` (on ``device``) to ``(B, C, *patch_size)``
+    in ``buffer_dtype``; the blended result is kept on the CPU. The one blending rule for VOILA
+    and for the benchmarks' baselines, so both see identical windows and weights.
+    """
+    return sliding_window_inference(
+        image[None].to(buffer_dtype),
+        roi_size=tuple(int(p) for p in patch_size),
+        sw_batch_size=sw_batch_size,
+        predictor=predictor,
+        overlap=overlap,
+        mode="gaussian",
+        padding_mode="constant",
+        cval=float(image.min()),
+        sw_device=device,
+        device=torch.device("cpu"),
+    )[0]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → CUDA when available, else CPU."""
     if str(device) == "auto":
@@ -100,9 +136,7 @@ def predict_grid(
     spatial = tuple(image.shape[1:])
     voxels = spatial[0] * spatial[1] * spatial[2]
     token_dim = class_embeddings.shape[1]
-    buffer_dtype = torch.float32
-    if (token_dim + 2) * voxels * 4 > HALF_PRECISION_BUFFER_BYTES:
-        buffer_dtype = torch.float16
+    buffer_dtype = blending_dtype(token_dim + 2, spatial)
     total = count_windows(spatial, patch_size, overlap)
     done = 0
 
@@ -129,18 +163,7 @@ def predict_grid(
             progress(min(done / total, 1.0))
         return blended_channels
 
-    blended = sliding_window_inference(
-        image[None].to(buffer_dtype),
-        roi_size=patch_size,
-        sw_batch_size=sw_batch_size,
-        predictor=predictor,
-        overlap=overlap,
-        mode="gaussian",
-        padding_mode="constant",
-        cval=float(image.min()),
-        sw_device=device,
-        device=torch.device("cpu"),
-    )[0]
+    blended = blend_windows(image, predictor, patch_size, overlap, buffer_dtype, device, sw_batch_size)
     tokens = blended[:token_dim].reshape(token_dim, -1)
     embeddings = class_embeddings.to(device=device, dtype=torch.float32)
     labels = torch.empty(voxels, dtype=torch.int64)
