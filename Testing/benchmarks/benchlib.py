@@ -41,14 +41,9 @@ def cpu_model() -> str:
 
 
 def total_ram_gb() -> float:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return float("nan")
+    import psutil
+
+    return round(psutil.virtual_memory().total / 2**30, 1)
 
 
 def training_processes() -> list[str]:

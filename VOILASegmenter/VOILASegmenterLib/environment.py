@@ -29,6 +29,7 @@ PYTHON_PACKAGES = {
     "nibabel": "nibabel>=5",
     "yaml": "pyyaml",
     "scipy": "scipy",
+    "psutil": "psutil",
 }
 VOILA_DISTRIBUTION = "voila-seg"
 # Distributions Slicer ships and other extensions rely on; pip must never replace them.

@@ -110,14 +110,13 @@ def free_text_color(text: str) -> tuple[int, int, int]:
 
 
 def available_memory_bytes() -> int | None:
+    """Memory the OS can give this process now (psutil: Linux, Windows, macOS); None if unknown."""
+    import psutil
+
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError):
         return None
-    return None
 
 
 def _size(n_bytes: int) -> str:
