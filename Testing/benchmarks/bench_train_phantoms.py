@@ -2,15 +2,18 @@
 
 Claim checked: within 10 minutes of training on 2 CPU cores, ``tiny`` reaches a held-out mean
 Dice >= 0.90 (mean over the phantom structures of the per-case Dice, computed on the input grid by
-the same ``Segmenter`` that serves users). Recipe: 16 training phantoms of 40³ voxels at 3 mm
-(:mod:`voila.data.phantoms`), 32³ patches, batch 2, Adam 1e-3 with a cosine schedule over
-``--epochs`` × 25 steps (sized to end inside the time box on 2 cores; ``--max-minutes`` stops it
+the same ``Segmenter`` that serves users). The 10 minutes are the wall-clock time of the whole
+``voila train`` command (start-up, data preparation, training, validation, export): the trainer's
+own time box (``--max-minutes``) gets the budget less ``--startup-minutes``, and the benchmark
+passes only if the command ends within the budget. Recipe: 16 training phantoms of 40³ voxels at
+3 mm (:mod:`voila.data.phantoms`), 32³ patches, batch 2, Adam 1e-3 with a cosine schedule over
+``--epochs`` × 25 steps (sized to end inside the time box on 2 cores; the time box stops it
 regardless), default augmentation, CAS sampling; 5 held-out phantoms from seeds never trained on.
 Prints the table and writes ``Testing/benchmarks/results/train_phantoms.json``.
 
 Run::
 
-    python Testing/benchmarks/bench_train_phantoms.py      # --minutes 10 --epochs 30 --work /tmp/voila-bench
+    python Testing/benchmarks/bench_train_phantoms.py      # --minutes 10 --epochs 26 --work /tmp/voila-bench
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ SHAPE, SPACING = (40, 40, 40), (3.0, 3.0, 3.0)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="training time box")
+    parser.add_argument("--minutes", type=float, default=10.0, help="budget for the whole training command")
+    parser.add_argument(
+        "--startup-minutes",
+        type=float,
+        default=0.5,
+        help="kept out of the trainer's time box for start-up, data preparation and export",
+    )
     parser.add_argument("--work", default=None, help="folder for data and the run (default: a temporary one)")
     parser.add_argument("--train-cases", type=int, default=16)
     parser.add_argument("--test-cases", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.90)
     parser.add_argument(
-        "--epochs", type=int, default=30, help="25 steps each; the cosine schedule ends with the last one"
+        "--epochs", type=int, default=26, help="25 steps each; the cosine schedule ends with the last one"
     )
     args = parser.parse_args(argv)
     info = benchlib.machine()
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "voila", "train", "--data", str(data), "--out", str(out), "--preset", "tiny",
         "--patch-size", "32", "--spacing", str(SPACING[0]), "--batch-size", "2",
         "--epochs", str(args.epochs), "--schedule", "cosine",
-        "--steps-per-epoch", "25", "--val-every", "8", "--max-minutes", str(args.minutes),
+        "--steps-per-epoch", "25", "--val-every", "8", "--max-minutes", str(args.minutes - args.startup_minutes),
         "--text-pretrained", "none", "--device", "cpu", "--seed", "0",
     ]  # fmt: skip
     started = time.monotonic()
@@ -77,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     means = {name: float(np.mean(scores)) for name, scores in per_structure.items() if scores}
     mean_dice = float(np.mean(list(means.values())))
     card = segmenter.card["training"]
-    passed = mean_dice >= args.threshold
+    in_time = training_minutes <= args.minutes
+    passed = mean_dice >= args.threshold and in_time
     rows = [[name, f"{value:.3f}"] for name, value in means.items()]
     rows.append(["mean", f"{mean_dice:.3f}"])
     benchlib.print_table(
@@ -87,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\nheld-out mean Dice {mean_dice:.4f} after {card['optimizer_steps']} optimizer steps; training took "
-        f"{training_minutes:.1f} min (budget {args.minutes:g} min): {'PASS' if passed else 'FAIL'} at "
-        f"{args.threshold}"
+        f"{training_minutes:.2f} min, start-up and export included (budget {args.minutes:g} min"
+        f"{'' if in_time else ', EXCEEDED'}): {'PASS' if passed else 'FAIL'} at {args.threshold}"
     )
     benchlib.write_results(
         "train_phantoms",
@@ -103,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 "held_out": args.test_cases,
             },
             "minutes_budget": args.minutes,
+            "trainer_time_box_minutes": args.minutes - args.startup_minutes,
             "training_minutes_including_setup": round(training_minutes, 2),
+            "within_budget": in_time,
             "optimizer_steps": card["optimizer_steps"],
             "held_out_mean_dice": round(mean_dice, 4),
             "dice_per_structure": {k: round(v, 4) for k, v in means.items()},
