@@ -287,10 +287,12 @@ def test_training_transforms_give_patches():
         assert left < right
 
 
-def test_training_augmentation_never_mirrors_anatomy():
-    """Two blobs, one at lower index than the other on every axis, stay in that order on every axis
-    through 40 augmented patches: a mirror along any axis (left-right, front-back, head-feet) would
-    swap them in about half of the draws."""
+@pytest.mark.parametrize("mirror", [False, True])
+def test_training_augmentation_mirrors_only_when_asked_and_never_left_right(mirror):
+    """Two blobs, one at lower index than the other on every axis, through 40 augmented patches.
+    By default they stay in that order on every axis (no mirror: a mirror along any axis would
+    swap them in about half of the draws); with ``mirror`` the front-back and head-feet orders
+    swap sometimes, the left-right order (array axis 0 after RAS) never."""
     shape = (40, 40, 40)
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     ct = np.full(shape, 40.0, dtype=np.float32)
@@ -298,8 +300,9 @@ def test_training_augmentation_never_mirrors_anatomy():
     labels[8:16, 8:16, 8:16] = 1
     labels[24:32, 24:32, 24:32] = 2
     ct[labels > 0] = 200.0
-    pipeline = training_transforms(CONFIG, patch_size=shape, foreground_oversampling=1.0)
+    pipeline = training_transforms(CONFIG, patch_size=shape, foreground_oversampling=1.0, mirror=mirror)
     pipeline.set_random_state(seed=3)
+    swapped = np.zeros(3, dtype=bool)
     for _ in range(40):
         (sample,) = pipeline(
             {
@@ -309,7 +312,8 @@ def test_training_augmentation_never_mirrors_anatomy():
         )
         label = np.asarray(sample["label"][0])
         first, second = (np.argwhere(np.rint(label) == value).mean(axis=0) for value in (1, 2))
-        assert np.all(first < second), (first, second)
+        swapped |= first > second
+    assert list(swapped) == [False, mirror, mirror]
 
 
 def test_training_pipeline_can_be_sent_to_data_loader_workers():

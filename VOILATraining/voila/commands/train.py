@@ -86,7 +86,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest="augment",
         action="store_false",
         default=None,
-        help="random patches only: no flips, rotations, zoom or intensity changes",
+        help="random patches only: no rotations, zoom or intensity changes",
+    )
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        default=None,
+        help="also flip patches head-feet and front-back (off by default: after RAS reorientation a "
+        "mirrored patch shows anatomy no scan has; left-right is never flipped)",
     )
     return parser
 
@@ -117,6 +124,7 @@ OVERRIDES = (
     "checkpoint_every",
     "export",
     "augment",
+    "mirror",
 )
 
 

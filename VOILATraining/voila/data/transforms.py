@@ -1,13 +1,15 @@
 """Training-only random augmentation, appended to the shared deterministic preprocessing.
 
 Patches are cropped with nnU-Net-style foreground oversampling, then rotated, zoomed and
-intensity-jittered. There is no mirroring, along any axis. Every CT is reoriented to RAS first, so
+intensity-jittered. There is no mirroring by default. Every CT is reoriented to RAS first, so
 the model only ever sees anatomy the right way round, and a mirrored patch would teach it
 something false: mirroring left-right puts a ``kidney_left`` where the right kidney belongs while
 still calling it left; mirroring head-feet or front-back puts L3 above L1, or the spine in front of
 the aorta, so the neighbourhood that tells vertebral levels and organs apart stops meaning anything.
 TotalSegmentator trains its nnU-Net models without mirroring (``nnUNetTrainerNoMirroring``) for the
-same reason. Rotations are small, so that they stay plausible patient poses.
+same reason. ``mirror=True`` adds random head-feet and front-back flips, for datasets where that
+trade is wanted; left-right is never mirrored. Rotations are small, so that they stay plausible
+patient poses.
 
 >>> pipeline = training_transforms(PreprocessingConfig(), patch_size=(128, 128, 128))
 >>> samples = pipeline({"image": ct_metatensor, "label": labelmap_metatensor})   # list of patches
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from monai.transforms import (
     Compose,
     RandCropByPosNegLabeld,
+    RandFlipd,
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -30,6 +33,8 @@ from monai.transforms import (
 
 from voila.data.preprocess import PreprocessingConfig, deterministic_transforms
 
+# Array axes mirrored when asked (front-back, head-feet); axis 0, left-right, never.
+MIRROR_AXES = (1, 2)
 # Rotation ranges (radians) about the left-right axis (array axis 0 after RAS) and the others.
 ROTATION_LEFT_RIGHT_AXIS = math.radians(15.0)
 ROTATION_OTHER_AXES = math.radians(8.0)
@@ -42,6 +47,7 @@ def training_transforms(
     image_key: str = "image",
     label_key: str = "label",
     num_samples: int = 1,
+    mirror: bool = False,
 ) -> Compose:
     """Deterministic preprocessing + random patches and augmentation for training.
 
@@ -49,7 +55,8 @@ def training_transforms(
     Output: a list of ``num_samples`` dicts with ``(1, *patch_size)`` image (float32, normalised)
     and label. ``foreground_oversampling`` is the fraction of patches centred on a labelled voxel;
     the rest are centred anywhere in the (body-cropped) volume. Volumes smaller than the patch are
-    padded with air (image) and background (label).
+    padded with air (image) and background (label). ``mirror`` adds random flips along
+    :data:`MIRROR_AXES` (see the module docstring for why they are off by default).
     """
     if not 0.0 <= foreground_oversampling <= 1.0:
         raise ValueError(f"foreground_oversampling must be in [0, 1], got {foreground_oversampling}")
@@ -68,6 +75,7 @@ def training_transforms(
                 neg=1.0 - foreground_oversampling,
                 num_samples=num_samples,
             ),
+            *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in (MIRROR_AXES if mirror else ())),
             RandRotated(
                 keys,
                 range_x=ROTATION_LEFT_RIGHT_AXIS,

@@ -226,14 +226,15 @@ def patch_transforms(
     patch_size: Sequence[int],
     foreground_oversampling: float,
     augment: bool,
+    mirror: bool = False,
 ) -> tuple[Compose, Compose]:
     """The random part of :func:`voila.data.transforms.training_transforms`, split in two.
 
     Returns ``(crop, augmentation)``: padding + foreground-oversampled crop, then the random
-    rotations/zoom/intensity (empty when ``augment`` is False). The deterministic prefix,
+    rotations/zoom/intensity, and flips if ``mirror`` (empty when ``augment`` is False). The deterministic prefix,
     shared with inference, is applied once per case when the data is prepared.
     """
-    full = training_transforms(preprocessing, patch_size, foreground_oversampling).transforms
+    full = training_transforms(preprocessing, patch_size, foreground_oversampling, mirror=mirror).transforms
     prefix = deterministic_transforms(preprocessing, label_keys=("label",)).transforms
     if [type(t) for t in full[: len(prefix)]] != [type(t) for t in prefix]:
         raise RuntimeError(

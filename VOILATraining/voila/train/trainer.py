@@ -313,7 +313,11 @@ class Trainer:
                 self.train_module, device_ids=[device.index] if device.type == "cuda" else None
             )
         crop, augmentation = patch_transforms(
-            self.preprocessing, model_config.patch_size, config.foreground_oversampling, config.augment
+            self.preprocessing,
+            model_config.patch_size,
+            config.foreground_oversampling,
+            config.augment,
+            mirror=config.mirror,
         )
         self.dataset = PatchDataset(data, crop, augmentation)
         return self._loop()
@@ -749,6 +753,7 @@ class Trainer:
             "seed": config.seed,
             "sampling": asdict(sampling),
             "augment": config.augment,
+            "mirror": config.mirror,
             "foreground_oversampling": config.foreground_oversampling,
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
             "device": str(self.device),
