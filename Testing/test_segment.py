@@ -178,3 +178,17 @@ def test_left_kidney_comes_out_on_the_patients_left_whatever_the_storage_order(s
     left_x = world_centroid(result.labelmap == left.label, affine)[0]
     right_x = world_centroid(result.labelmap == right.label, affine)[0]
     assert left_x < 0 < right_x, (left_x, right_x)
+
+
+def test_top_two_equals_softmax_and_sort():
+    """The per-voxel winner, its softmax probability and the runner-up, without a softmax map."""
+    import torch
+    from voila.infer.sliding_window import top_two
+
+    logits = torch.randn(5000, 118, generator=torch.Generator().manual_seed(0)) * 14.0
+    winner, probability, runner_up = top_two(logits)
+    reference = logits.softmax(dim=-1).topk(2, dim=-1)
+    assert torch.equal(winner, reference.indices[:, 0]) and torch.equal(runner_up, reference.indices[:, 1])
+    torch.testing.assert_close(probability, reference.values[:, 0], rtol=1e-5, atol=1e-6)
+    single = top_two(logits[:, :1])
+    assert torch.equal(single[0], torch.zeros(5000, dtype=torch.int64)) and bool((single[1] == 1).all())

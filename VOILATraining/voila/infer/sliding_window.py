@@ -92,6 +92,24 @@ def blend_windows(
     )[0]
 
 
+def top_two(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits ``(V, N)`` → winning class ``(V,)``, its softmax probability ``(V,)`` and the
+    runner-up ``(V,)`` (the winner again when N = 1).
+
+    Two max passes and one exp pass over a shifted copy: no softmax map and no sort (``topk``),
+    which made this step a sixth of a 117-prompt segmentation on the CPU.
+    """
+    best, winner = logits.max(dim=-1)
+    if logits.shape[-1] == 1:
+        return winner, torch.ones_like(best), winner
+    shifted = logits - best[:, None]
+    shifted.scatter_(1, winner[:, None], float("-inf"))
+    runner_up = shifted.argmax(dim=-1)
+    # softmax of the winner = 1 / Σ exp(l - max) = 1 / (1 + Σ over the others)
+    probability = 1.0 / (1.0 + shifted.exp_().sum(dim=-1))
+    return winner, probability, runner_up
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → CUDA when available, else CPU."""
     if str(device) == "auto":
@@ -173,12 +191,11 @@ def predict_grid(
         if cancel is not None and cancel.is_set():
             raise Cancelled("segmentation cancelled")
         chunk = tokens[:, start : start + CHUNK_VOXELS].t().to(device=device, dtype=torch.float32)
-        logits = model.logits(chunk, embeddings).float()
-        top = logits.softmax(dim=-1).topk(min(2, logits.shape[-1]), dim=-1)
+        winner, winner_probability, second = top_two(model.logits(chunk, embeddings).float())
         end = start + chunk.shape[0]
-        labels[start:end] = top.indices[:, 0].cpu()
-        probability[start:end] = top.values[:, 0].cpu()
-        runner_up[start:end] = top.indices[:, -1].cpu()
+        labels[start:end] = winner.cpu()
+        probability[start:end] = winner_probability.cpu()
+        runner_up[start:end] = second.cpu()
     complexity = blended[token_dim].float().clamp_(0, 1) if heatmap else None
     return GridPrediction(
         labels.view(spatial), probability.view(spatial), runner_up.view(spatial), complexity
