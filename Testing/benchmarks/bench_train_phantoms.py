@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.90)
     parser.add_argument(
+        "--seed", type=int, default=0, help="training seed (weights, patches, augmentation); data fixed"
+    )
+    parser.add_argument(
         "--epochs", type=int, default=26, help="25 steps each; the cosine schedule ends with the last one"
     )
     args = parser.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "--patch-size", "32", "--spacing", str(SPACING[0]), "--batch-size", "2",
         "--epochs", str(args.epochs), "--schedule", "cosine",
         "--steps-per-epoch", "25", "--val-every", "8", "--max-minutes", str(args.minutes - args.startup_minutes),
-        "--text-pretrained", "none", "--device", "cpu", "--seed", "0",
+        "--text-pretrained", "none", "--device", "cpu", "--seed", str(args.seed),
     ]  # fmt: skip
     started = time.monotonic()
     subprocess.run(
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer_steps": card["optimizer_steps"],
             "held_out_mean_dice": round(mean_dice, 4),
             "dice_per_structure": {k: round(v, 4) for k, v in means.items()},
+            "training_seed": args.seed,
             "passed": passed,
             "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         },
