@@ -253,6 +253,21 @@ def test_resample_to_grid_memory_beyond_the_output_is_bounded():
     assert peak - output.nbytes < 300 * 2**20
 
 
+def test_resample_to_grid_memory_is_bounded_when_the_source_planes_are_larger():
+    """A thin target column through a large source: the per-axis path must not hold one source
+    plane per target row (here that would be 256 × 1000² float32 = 1 GB)."""
+    values = np.ones((256, 1000, 1000), dtype=np.float32)
+    source = _grid_affine(values.shape, (1.0, 1.0, 1.0))
+    target_shape = (256, 2, 2)
+    target = _grid_affine(target_shape, (1.0, 1.0, 1.0))
+    tracemalloc.start()
+    output = resample_to_grid(values, source, target_shape, target, order=1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_allclose(output, 1.0)
+    assert peak < 100 * 2**20
+
+
 def test_real_ct_liver_round_trips_to_the_input_grid(resources):
     folder = resources / "SampleData" / "totalseg-example"
     ct, affine = read_image(folder / "example_ct_sm.nii.gz")

@@ -310,7 +310,9 @@ def _resample_axis_aligned(
             first = np.clip(np.floor(clamped), 0, max(n - 2, 0)).astype(np.intp)
             low.append(first)
             weight.append((clamped - first).astype(np.float32))
-        step = max(1, _SLAB_VOXELS // max(1, target_shape[1] * target_shape[2]))
+        # a slab's largest intermediate: source plane, half-resampled plane, or target plane
+        (_, s_j, s_k), (_, t_j, t_k) = ordered.shape, target_shape
+        step = max(1, _SLAB_VOXELS // max(1, s_j * s_k, t_j * s_k, t_j * t_k))
         for start in range(0, target_shape[0], step):
             part = slice(start, min(start + step, target_shape[0]))
             slab = _lerp(ordered, low[0][part], weight[0][part], 0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 import torch
 
 from voila.data.io import check_ct
@@ -111,8 +112,6 @@ def free_text_color(text: str) -> tuple[int, int, int]:
 
 def available_memory_bytes() -> int | None:
     """Memory the OS can give this process now (psutil: Linux, Windows, macOS); None if unknown."""
-    import psutil
-
     try:
         return int(psutil.virtual_memory().available)
     except (OSError, RuntimeError):

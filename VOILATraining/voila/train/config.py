@@ -55,7 +55,7 @@ class TrainConfig:
     max_minutes: float | None = None
     foreground_oversampling: float = 0.33
     augment: bool = True
-    mirror: bool = False  # random head-feet / front-back flips (never left-right); see voila.data.transforms
+    mirror: bool = False  # head-feet / front-back flips, never left-right (voila.data.transforms)
     num_workers: int = 0
     cache: str = "memory"  # memory | disk: where the preprocessed cases are kept
     text_pretrained: str | None = "preset"  # "preset": the preset's tag; "none": random weights

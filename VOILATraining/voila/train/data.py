@@ -231,8 +231,8 @@ def patch_transforms(
     """The random part of :func:`voila.data.transforms.training_transforms`, split in two.
 
     Returns ``(crop, augmentation)``: padding + foreground-oversampled crop, then the random
-    rotations/zoom/intensity, and flips if ``mirror`` (empty when ``augment`` is False). The deterministic prefix,
-    shared with inference, is applied once per case when the data is prepared.
+    rotations/zoom/intensity, and flips if ``mirror`` (empty when ``augment`` is False). The
+    deterministic prefix, shared with inference, is applied once per case when the data is prepared.
     """
     full = training_transforms(preprocessing, patch_size, foreground_oversampling, mirror=mirror).transforms
     prefix = deterministic_transforms(preprocessing, label_keys=("label",)).transforms

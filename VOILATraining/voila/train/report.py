@@ -66,7 +66,8 @@ def _number(text: str) -> float | None:
 
 
 def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Training loss and validation mean Dice against epochs."""
+    """Training loss and validation mean Dice against epochs, counted from 1 as the log and
+    ``validation.png`` count them (``metrics.csv`` keeps the 0-based epoch index)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +75,7 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
     figure = Figure(figsize=(10, 4), dpi=100)
     loss_axis, dice_axis = figure.subplots(1, 2)
-    epochs = [row["epoch"] for row in rows]
+    epochs = [row["epoch"] + 1 for row in rows]
     for key, style in (("loss", "-"), ("ce", "--"), ("f1", ":")):
         values = [row.get(key) for row in rows]
         if any(v is not None for v in values):
@@ -84,7 +85,7 @@ def plot_curves(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     loss_axis.set_yscale("log")
     loss_axis.legend()
     loss_axis.grid(alpha=0.3)
-    validated = [(row["epoch"], row["val_dice"]) for row in rows if row.get("val_dice") is not None]
+    validated = [(row["epoch"] + 1, row["val_dice"]) for row in rows if row.get("val_dice") is not None]
     if validated:
         dice_axis.plot(*zip(*validated), "o-", color="tab:green")
         best = max(validated, key=lambda item: item[1])
