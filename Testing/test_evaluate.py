@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from voila.cli import main
 from voila.commands.evaluate import parse_classes
+from voila.data.geometry import voxel_spacing
 from voila.data.io import write_volume
 from voila.errors import InputImageError
 from voila.evaluate import evaluate
@@ -18,7 +19,6 @@ from voila.evaluate.metrics import (
     dice,
     hd95,
     normalized_surface_dice,
-    spacing_from_affine,
     surface_distances,
 )
 from voila.vocabulary import Structure, Vocabulary
@@ -86,7 +86,7 @@ def test_spacing_comes_from_the_affine_columns_even_when_axes_are_permuted_and_o
     rotation = np.array([[0.0, 0.0, 1.0], [np.cos(0.3), -np.sin(0.3), 0.0], [np.sin(0.3), np.cos(0.3), 0.0]])
     affine = np.eye(4)
     affine[:3, :3] = rotation * np.array([2.5, 0.8, 0.6])
-    assert spacing_from_affine(affine) == pytest.approx((2.5, 0.8, 0.6))
+    assert tuple(voxel_spacing(affine)) == pytest.approx((2.5, 0.8, 0.6))
 
 
 def test_class_arguments_are_names_or_label_pairs_but_not_both():

@@ -32,14 +32,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_data_io import _write_dicom_series
+from voila import device as device_module
 from voila import errors
 from voila.cli import main
 from voila.data.io import read_image, write_volume
 from voila.data.phantoms import make_phantom, write_phantom_dataset
-from voila.infer import segmenter as segmenter_module
-from voila.infer.segmenter import MAX_PROMPTS, Segmenter
-from voila.model.factory import class_prompt_text
+from voila.infer.segmenter import Segmenter
 from voila.model.model_file import CARD_KEY
+from voila.prompts import MAX_PROMPTS
+from voila.vocabulary import class_sentence
 
 REPO = Path(__file__).resolve().parents[1]
 # A small abdominal phantom: 32³ voxels of 3 mm, i.e. 16³ on the 6 mm grid of the tiny test model,
@@ -101,13 +102,13 @@ def prompt_model_path(tiny_model_path, tmp_path_factory) -> Path:
 
     vocabulary = Vocabulary.from_dict(card["vocabulary"])
     cached = tensors["text_cache.features"]
-    texts = [class_prompt_text(text, vocabulary, card["prompt_template"]) for text in FREE_TEXT]
+    texts = [class_sentence(text, vocabulary, card["prompt_template"]) for text in FREE_TEXT]
     features = torch.nn.functional.normalize(torch.randn(len(texts), cached.shape[1]), dim=-1)
     # The untrained model cannot know that the abdomen holds no brain; give "brain" the liver's
     # embedding so that every voxel prefers a trained class (ties go to the first row) and brain's
     # region is empty, as a trained model's would be.
-    texts.append(class_prompt_text("brain", vocabulary, card["prompt_template"]))
-    liver = card["text_cache"]["texts"].index(class_prompt_text("liver", vocabulary, card["prompt_template"]))
+    texts.append(class_sentence("brain", vocabulary, card["prompt_template"]))
+    liver = card["text_cache"]["texts"].index(class_sentence("liver", vocabulary, card["prompt_template"]))
     features = torch.cat([features, cached[liver : liver + 1]])
     tensors["text_cache.features"] = torch.cat([cached, features]).contiguous()
     card["text_cache"]["texts"] += texts
@@ -266,7 +267,7 @@ def segment_argv(image: Path, out: Path, prompts: Sequence[str], model: Path, *e
 
 def limit_memory(monkeypatch, row: Row) -> None:
     if "memory_bytes" in row.extra:
-        monkeypatch.setattr(segmenter_module, "available_memory_bytes", lambda: row.extra["memory_bytes"])
+        monkeypatch.setattr(device_module, "available_memory_bytes", lambda: row.extra["memory_bytes"])
 
 
 @pytest.mark.parametrize("row", rows(IMAGE_ERRORS))
@@ -626,21 +627,9 @@ TRAIN_ARGS = [
 CORRUPT_CASE = "phantom_000"
 
 
-def trainer_missing() -> str | None:
-    try:
-        import voila.commands.train
-        import voila.train.api
-        import voila.train.trainer  # noqa: F401
-    except ImportError as error:
-        return f"the trainer is not there yet: {error}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def phantom_dataset(tmp_path_factory) -> Path:
     """Four phantoms (one held out); the first training case's CT is truncated."""
-    if trainer_missing():
-        pytest.skip(trainer_missing())
     root = write_phantom_dataset(
         tmp_path_factory.mktemp("data") / "phantoms", 4, shape=(32, 32, 32), spacing=(3, 3, 3)
     )
@@ -676,7 +665,7 @@ def in_process(argv: Sequence[str]) -> tuple[int, str]:
 
 
 def api_error(**settings) -> errors.VoilaError:
-    from voila.train.api import train
+    from voila.training.api import train
 
     with pytest.raises(errors.VoilaError) as raised:
         train(dict(settings))

@@ -66,3 +66,26 @@ def test_voila_info_on_the_paper_preset_reports_6_4_million(capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trainable parameters"))
     millions = float(line.split(":")[1].split("M")[0])
     assert 6.1 <= millions <= 6.8
+
+
+def test_a_model_built_from_a_model_file_starts_from_its_weights_and_keeps_its_classes(tiny_model_path):
+    from voila.data.preprocess import PreprocessingConfig
+    from voila.model.config import ModelConfig
+    from voila.model.factory import create_model
+    from voila.vocabulary import Vocabulary
+
+    base = load_model(tiny_model_path)
+    vocabulary = Vocabulary.from_dict(base.card["vocabulary"])
+    built = create_model(
+        ModelConfig.from_dict(base.card["model"]),
+        [*base.card["classes"][1:], "pancreas"],
+        vocabulary,
+        PreprocessingConfig.from_dict(base.card["preprocessing"]),
+        text_pretrained=None,
+        base=base,
+    )
+    assert built.classes == [*base.card["classes"], "pancreas"]
+    for name, value in base.model.state_dict().items():
+        assert torch.equal(built.model.state_dict()[name], value), name
+    # the base's class sentences come from its cache; only the new one was encoded
+    assert torch.equal(built.class_features()[:5], base.text_cache.as_tensor())

@@ -20,9 +20,9 @@ from voila.data.io import write_volume
 from voila.data.phantoms import write_phantom_dataset
 from voila.errors import ConfigError, DatasetError, OutputError, TrainingError
 from voila.model.model_file import read_model_card
-from voila.train.checkpoint import RunLock
-from voila.train.config import load_train_config
-from voila.train.data import TrainingData
+from voila.training.config import load_train_config
+from voila.training.data import TrainingData
+from voila.training.run_folder import RunLock
 from voila.vocabulary import Vocabulary
 
 FAST = {
@@ -73,7 +73,7 @@ def test_no_data_at_all_says_to_pass_data():
 def test_a_wrongly_typed_value_names_the_setting(phantoms):
     with pytest.raises(ConfigError, match=r"'epochs' has an invalid value 'many'"):
         load_train_config({"data": [str(phantoms)], "epochs": "many"})
-    with pytest.raises(ConfigError, match=r"lr must be a positive number"):
+    with pytest.raises(ConfigError, match=r"lr must be > 0, got -1"):
         load_train_config({"data": [str(phantoms)], "lr": -1})
 
 
@@ -246,3 +246,32 @@ def test_the_python_api_reports_progress_and_a_stop_writes_checkpoint_and_model(
     card = read_model_card(path)
     assert card["classes"][0] == "background" and "liver" in card["classes"]
     assert card["text_encoder"]["pretrained"] is None
+
+
+def test_each_setting_is_declared_once_and_reaches_flags_sections_and_checks(phantoms, tmp_path, capsys):
+    from voila.training.config import SECTIONS, SETTINGS
+
+    with pytest.raises(SystemExit):
+        voila_cli(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for setting in SETTINGS:
+        for flag in setting.flags:
+            assert flag in help_text, flag
+    sectioned = tmp_path / "sectioned.yaml"
+    sectioned.write_text(
+        f"data: {{data: [{phantoms}]}}\nmodel: {{preset: tiny, spacing: 3}}\noptim: {{lr: 0.02, epochs: 4}}\n"
+    )
+    flat = load_train_config(
+        {"data": [str(phantoms)], "preset": "tiny", "spacing": 3, "lr": 0.02, "epochs": 4}
+    )
+    assert load_train_config(sectioned).to_dict() == flat.to_dict()
+    assert list(flat.sections()) == list(SECTIONS)
+    assert flat.sections()["optim"]["lr"] == 0.02
+    misplaced = tmp_path / "misplaced.yaml"
+    misplaced.write_text(f"data: [{phantoms}]\nmodel: {{lr: 0.02}}\n")
+    with pytest.raises(ConfigError, match="'lr' belongs in section 'optim', not 'model'"):
+        load_train_config(misplaced)
+    with pytest.raises(ConfigError, match="patch_size must be >= 8"):
+        load_train_config({"data": [str(phantoms)], "patch_size": 4})
+    with pytest.raises(ConfigError, match="device must be"):
+        load_train_config({"data": [str(phantoms)], "device": "gpu0"})

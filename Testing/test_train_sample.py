@@ -7,7 +7,7 @@ import pytest
 from voila.data.io import read_image
 from voila.data.layouts import discover
 from voila.model.model_file import load_model
-from voila.train.sample_dataset import main as sample_dataset_main
+from voila.training.sample_dataset import main as sample_dataset_main
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,6 @@ COMMON_STRUCTURES = (
 )
 CUSTOM_MODEL = "custom"
 
-# An installed extension carries the shared Resources (vocabulary, demo model) next to the module;
-# tell `voila` where they are. A source checkout leaves voila to find the repository's Resources/.
-_MODULE_RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources")
-if os.path.isdir(os.path.join(_MODULE_RESOURCES, "Vocabulary")):
-    os.environ.setdefault("VOILA_RESOURCES", _MODULE_RESOURCES)
 POLL_INTERVAL_MS = 200
 
 
@@ -195,7 +190,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.blockSignals(wasBlocked)
 
     def _populateDevices(self) -> None:
-        from VOILASegmenterLib.environment import device_choices
+        from voila.device import device_choices
 
         wasBlocked = self.ui.deviceComboBox.blockSignals(True)
         self.ui.deviceComboBox.clear()
@@ -591,14 +586,9 @@ class VOILASegmenterTest(ScriptedLoadableModuleTest):
         self.test_non_blocking_run_and_cancel()
 
     def _loadSampleCT(self):
-        from VOILASegmenterLib.models import resources_dirs
+        from voila.resources import SAMPLE_CT, resource_path
 
-        relative = os.path.join("SampleData", "totalseg-example", "example_ct.nii.gz")
-        for folder in resources_dirs():
-            path = os.path.join(str(folder), relative)
-            if os.path.isfile(path):
-                return slicer.util.loadVolume(path)
-        raise RuntimeError(f"sample CT {relative} is missing from the extension's Resources")
+        return slicer.util.loadVolume(str(resource_path(SAMPLE_CT)))
 
     def test_segments_sample_ct(self):
         self.delayDisplay("Segmenting the sample CT")

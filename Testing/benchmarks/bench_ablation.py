@@ -1,11 +1,11 @@
 """The paper's Table 3 in miniature: held-out Dice on phantoms after equal training budgets for
 CAS / random / no voxel sampling, and the language head versus a plain linear head.
 
-Every arm trains the same ``tiny`` network from the same seed, on the same phantoms in the same
-order, for the same number of steps (see :mod:`phantom_training`); only the compared setting
-changes. Held-out Dice: :func:`voila.infer.sliding_window.predict_grid` on validation phantoms
-(seeds the training never sees) and :func:`voila.evaluate.metrics.dice`, mean over the 10
-phantom structures. Budgets are small so the whole run fits in minutes on 2 CPU cores: the
+Every arm is one run of voila's own trainer (:mod:`trainer_runs`: the ``sampling`` setting, or the
+``build_model_config`` hook for the head) with the same ``tiny`` network, seed, phantoms, order
+and number of steps; only the compared setting changes. Held-out Dice: the trainer's validation
+(:func:`voila.training.validation.validate_cases`) on validation phantoms (seeds the training
+never sees), mean over the 10 phantom structures. Budgets are small so the whole run fits in minutes on 2 CPU cores: the
 figures rank the settings at an early stage of training, they do not reproduce the paper's
 converged numbers.
 
@@ -15,11 +15,13 @@ converged numbers.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import benchlib
-import phantom_training as pt
 import torch
+import trainer_runs as tr
 
 # (row, sampling, head, the paper's Ts-v2 Dice for that row)
 ARMS = (
@@ -45,34 +47,36 @@ def main() -> None:
     benchlib.print_machine(info)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    data = pt.PhantomData.create(args.n_train, args.n_val, args.size, args.spacing)
-    features = pt.class_features(data.classes)
     results = []
-    for row, sampling, head, paper in ARMS:
-        print(f"{row}: {args.steps} steps ...", flush=True)
-        run = pt.TrainingRun(
-            pt.build_model(args.preset, head, data),
-            data,
-            features,
-            sampling,
-            batch_size=args.batch_size,
-            device=device,
-        )
-        run.steps(args.steps)
-        scores = run.validation_dice()
-        results.append(
-            {
-                "row": row,
-                "sampling": sampling,
-                "head": head,
-                "steps": args.steps,
-                "train_seconds": sum(run.step_seconds),
-                "final_loss": run.losses[-1],
-                "val_dice": scores,
-                "paper_ts_v2_dice": paper,
-            }
-        )
-        print(f"  mean Dice {scores['mean']:.3f}, training {sum(run.step_seconds):.0f} s", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        data = tr.write_phantoms(Path(folder) / "data", args.n_train, args.n_val, args.size, args.spacing)
+        for number, (row, sampling, head, paper) in enumerate(ARMS):
+            print(f"{row}: {args.steps} steps ...", flush=True)
+            config = tr.bench_config(
+                data,
+                Path(folder) / f"arm{number}",
+                args.size,
+                args.steps,
+                sampling=sampling,
+                preset=args.preset,
+                batch_size=args.batch_size,
+            )
+            trainer = tr.BenchTrainer(config, head=head)
+            trainer.run()
+            scores = dict(trainer.curve[-1]["per_class"], mean=trainer.curve[-1]["dice"])
+            results.append(
+                {
+                    "row": row,
+                    "sampling": sampling,
+                    "head": head,
+                    "steps": args.steps,
+                    "train_seconds": sum(trainer.step_seconds),
+                    "final_loss": trainer.losses[-1],
+                    "val_dice": scores,
+                    "paper_ts_v2_dice": paper,
+                }
+            )
+            print(f"  mean Dice {scores['mean']:.3f}, training {sum(trainer.step_seconds):.0f} s", flush=True)
     total = time.perf_counter() - started
     benchlib.print_table(
         ["setting", "held-out Dice (mean of 10)", "train s", "final loss", "paper Ts-v2 Dice"],
@@ -88,7 +92,7 @@ def main() -> None:
         ],
         title=(
             f"{args.preset} preset, {args.size}^3 phantoms at {args.spacing} mm, {args.n_train} train / "
-            f"{args.n_val} held-out, {args.steps} steps x batch {args.batch_size}, seed {pt.SEED}, {device}; "
+            f"{args.n_val} held-out, {args.steps} steps x batch {args.batch_size}, seed {tr.SEED}, {device}; "
             f"whole run {total / 60:.1f} min"
         ),
     )
@@ -98,7 +102,7 @@ def main() -> None:
             "machine": info,
             "device": device,
             "settings": vars(args),
-            "seed": pt.SEED,
+            "seed": tr.SEED,
             "total_minutes": total / 60,
             "results": results,
         },

@@ -2,11 +2,13 @@
 random (0.1) and no sampling (full-voxel loss), and wall-clock to a fixed held-out Dice.
 
 The paper claims faster *convergence*, not a cheaper step (CAS adds a VAE pass per step): this
-benchmark measures both and says which holds here. Step time and peak RSS come from one child
-process per mode (the CLIP features are computed once by the parent and handed over as a file,
-so the child's peak is the training's); convergence runs in this process, training in blocks of
-``--val-every`` steps and validating after each (validation time is not counted), until the mean
-held-out Dice reaches ``--dice`` or the training time reaches ``--cap`` seconds.
+benchmark measures both and says which holds here. Every run is voila's own trainer
+(:mod:`trainer_runs`), so the step times are the trainer's (data loading included). Step time and
+peak RSS come from one child process per mode (the CLIP features are computed once by the parent
+and handed over as a file through the ``encode_class_texts`` hook, so the child's peak is the
+training's); convergence runs in this process, training in epochs of ``--val-every`` steps and
+validating after each (validation time is not counted), until the mean held-out Dice reaches
+``--dice`` or the training time reaches ``--cap`` seconds (the ``on_validation`` hook stops it).
 
     python Testing/benchmarks/bench_training.py [--size 32] [--dice 0.8] [--cap 240]
 """
@@ -19,20 +21,19 @@ import tempfile
 from pathlib import Path
 
 import benchlib
-import phantom_training as pt
 import torch
+import trainer_runs as tr
 
 MODES = (("cas", "CAS 0.1"), ("random", "random 0.1"), ("none", "no sampling"))
 
 
-def child(mode: str, features_path: str, size: int, spacing: float, steps: int, device: str) -> None:
-    data = pt.PhantomData.create(4, 0, size, spacing)
-    features = torch.load(features_path, weights_only=True)  # a plain tensor: never unpickle code
-    run = pt.TrainingRun(pt.build_model("tiny", "language", data), data, features, mode, device=device)
+def child(mode: str, features_path: str, data: str, size: int, steps: int, device: str, out: str) -> None:
+    config = tr.bench_config(Path(data), Path(out), size, 2 + steps, sampling=mode, device=device)
+    trainer = tr.BenchTrainer(config, features_file=Path(features_path))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run.steps(2 + steps)
-    timed = run.step_seconds[2:]
+    trainer.run()
+    timed = trainer.step_seconds[2:]
     benchlib.child_report(
         {
             "mode": mode,
@@ -45,19 +46,16 @@ def child(mode: str, features_path: str, size: int, spacing: float, steps: int, 
     )
 
 
-def converge(data: pt.PhantomData, features: torch.Tensor, mode: str, args, device: str) -> dict:
-    run = pt.TrainingRun(pt.build_model("tiny", "language", data), data, features, mode, device=device)
-    curve = []
-    while sum(run.step_seconds) < args.cap:
-        run.steps(args.val_every)
-        score = run.validation_dice()["mean"]
-        curve.append({"step": len(run.step_seconds), "train_s": sum(run.step_seconds), "dice": score})
-        print(
-            f"  {mode}: step {len(run.step_seconds)}, {sum(run.step_seconds):.0f} s, Dice {score:.3f}",
-            flush=True,
-        )
-        if score >= args.dice:
-            break
+def converge(data: Path, features_path: Path, mode: str, args, device: str, out: Path) -> dict:
+    config = tr.bench_config(
+        data, out, args.size, args.max_steps, sampling=mode, val_every=args.val_every, device=device
+    )
+    trainer = tr.BenchTrainer(
+        config, features_file=features_path, stop_at_dice=args.dice, cap_seconds=args.cap
+    )
+    print(f"  {mode}:", flush=True)
+    trainer.run()
+    curve = [{key: point[key] for key in ("step", "train_s", "dice")} for point in trainer.curve]
     reached = next((point for point in curve if point["dice"] >= args.dice), None)
     return {
         "mode": mode,
@@ -78,34 +76,37 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=240.0, help="training seconds per mode at most")
     parser.add_argument("--val-every", type=int, default=10)
     parser.add_argument("--n-train", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=2000, help="steps per mode at most (besides --cap)")
     parser.add_argument(
-        "--child", nargs=6, metavar=("MODE", "FEATURES", "SIZE", "SPACING", "STEPS", "DEVICE")
+        "--child", nargs=7, metavar=("MODE", "FEATURES", "DATA", "SIZE", "STEPS", "DEVICE", "OUT")
     )
     args = parser.parse_args()
     if args.child:
-        mode, features_path, size, spacing, steps, device = args.child
-        child(mode, features_path, int(size), float(spacing), int(steps), device)
+        mode, features_path, data, size, steps, device, out = args.child
+        child(mode, features_path, data, int(size), int(steps), device, out)
         return
 
     info = benchlib.machine()
     benchlib.print_machine(info)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    data = pt.PhantomData.create(args.n_train, 2, args.size, args.spacing)
-    features = pt.class_features(data.classes)
     steps = []
-    with tempfile.TemporaryDirectory() as folder:
-        features_path = Path(folder) / "features.pt"
-        torch.save(features, features_path)
-        for device in devices:
-            for mode, _ in MODES:
-                print(f"step time, {mode}, {device} ...", flush=True)
-                arguments = [__file__, "--child", mode, str(features_path), str(args.size), str(args.spacing)]
-                steps.append(benchlib.run_child([*arguments, str(args.timed_steps), device]))
-    device = devices[-1]
     convergence = []
-    for mode, _ in MODES:
-        print(f"convergence, {mode}, {device} (to Dice {args.dice}, cap {args.cap:.0f} s) ...", flush=True)
-        convergence.append(converge(data, features, mode, args, device))
+    device = devices[-1]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        data = tr.write_phantoms(folder / "data", args.n_train, 2, args.size, args.spacing)
+        features_path = tr.save_class_features(data, folder / "features.pt")
+        for device_name in devices:
+            for mode, _ in MODES:
+                print(f"step time, {mode}, {device_name} ...", flush=True)
+                out = folder / f"steps-{mode}-{device_name}"
+                arguments = [__file__, "--child", mode, str(features_path), str(data), str(args.size)]
+                steps.append(benchlib.run_child([*arguments, str(args.timed_steps), device_name, str(out)]))
+        for mode, _ in MODES:
+            print(
+                f"convergence, {mode}, {device} (to Dice {args.dice}, cap {args.cap:.0f} s) ...", flush=True
+            )
+            convergence.append(converge(data, features_path, mode, args, device, folder / f"converge-{mode}"))
 
     rows = []
     for mode, label in MODES:
@@ -144,7 +145,7 @@ def main() -> None:
             "best Dice",
         ],
         rows,
-        title=f"tiny preset, batch 2, {args.size}^3 phantoms at {args.spacing} mm, seed {pt.SEED}",
+        title=f"tiny preset, batch 2, {args.size}^3 phantoms at {args.spacing} mm, seed {tr.SEED}",
     )
     by_mode = {c["mode"]: c for c in convergence}
     step_of = {s["mode"]: s["median_step_s"] for s in steps if s["device"] == device}

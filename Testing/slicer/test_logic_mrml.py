@@ -239,3 +239,14 @@ def test_removing_the_input_during_a_run_discards_the_result_with_a_clear_messag
     with pytest.raises(InputRemovedError, match="removed"):
         job.finish()
     assert node_ids(scene) == before
+
+
+def test_the_module_parses_a_typed_field_exactly_as_the_command_line_does():
+    from voila.errors import PromptError
+    from voila.prompts import split_prompts
+    from VOILASegmenterLib.logic import parse_prompts
+
+    typed = "liver; spleen\nleft kidney,  aorta"
+    assert parse_prompts(typed) == split_prompts(typed) == ["liver", "spleen", "left kidney", "aorta"]
+    with pytest.raises(PromptError):
+        parse_prompts(" ,\n")

@@ -16,7 +16,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -157,28 +156,3 @@ def _install_torch(log: Callable[[str], None]) -> None:
     )
     if torch is None:
         raise DependencyError("PyTorch was not installed; install it from the PyTorch module and try again")
-
-
-def device_choices() -> list[tuple[str, str]]:
-    """``(device, label)`` pairs for the device selector, each label with its memory."""
-    choices = [("auto", "Automatic (GPU if available)")]
-    try:
-        import torch
-    except ImportError:
-        return choices + [("cpu", "CPU")]
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            properties = torch.cuda.get_device_properties(index)
-            choices.append((f"cuda:{index}", f"{properties.name} ({properties.total_memory / 2**30:.0f} GB)"))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        choices.append(("mps", "Apple GPU (shared memory)"))
-    memory = _system_memory_gb()
-    choices.append(("cpu", f"CPU ({memory:.0f} GB RAM)" if memory else "CPU"))
-    return choices
-
-
-def _system_memory_gb() -> Optional[float]:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None

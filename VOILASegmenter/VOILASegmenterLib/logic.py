@@ -12,7 +12,6 @@ after a successful, uncancelled run, so a cancelled or failed run leaves the sce
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,31 +63,21 @@ class SegmentationOutcome:
 
 
 def parse_prompts(prompts) -> list[str]:
-    """Prompts from a list or from text separated by commas, semicolons or new lines; duplicates dropped."""
-    items = re.split(r"[,;\n]", prompts) if isinstance(prompts, str) else list(prompts or [])
-    unique, seen = [], set()
-    for item in items:
-        text = " ".join(str(item).split())
-        key = _prompt_key(text)
-        if text and key not in seen:
-            seen.add(key)
-            unique.append(text)
-    if not unique:
+    """Prompt texts from a list or from text separated by commas, semicolons or line breaks
+    (:func:`voila.prompts.split_prompts`); checked, so an empty field fails before any work."""
+    from voila.prompts import check_prompts, split_prompts
+
+    texts = split_prompts(prompts or [])
+    if not texts:
         raise PromptError("type at least one structure name, for example 'liver, spleen, left kidney'")
-    return unique
-
-
-def _prompt_key(text: str) -> str:
-    from voila.vocabulary import normalize_prompt
-
-    return normalize_prompt(text)
+    check_prompts(texts)
+    return texts
 
 
 def _segment_key(prompt) -> str:
-    """What makes a later run's segment "the same": the matched structure, else the normalised text."""
-    if prompt.structure:
-        return f"structure:{prompt.structure}"
-    return f"text:{_prompt_key(prompt.prompt)}"
+    """What makes a later run's segment "the same": the prompt's class key (the matched structure,
+    else the normalised text; :func:`voila.vocabulary.class_key`)."""
+    return f"structure:{prompt.key}" if prompt.structure else f"text:{prompt.key}"
 
 
 class SegmentationJob:

@@ -2,7 +2,7 @@
 
 An entry is ``{"name", "description", "license", "url", "sha256"}`` for a downloadable model, or
 ``{"name", "description", "license", "local"}`` for a file shipped with the extension (``local`` is
-relative to a Resources folder: the module's own, then the repository's ``Resources/``).
+relative to voila's ``Resources/`` folder, found by :func:`voila.resources.resources_dir`).
 Downloads happen only after the user agreed, are checked against the SHA-256 in the registry and
 appear in the cache folder only when complete.
 
@@ -68,24 +68,15 @@ def load_registry(path: Optional[Path] = None) -> list[ModelEntry]:
     return [ModelEntry.from_dict(entry) for entry in data.get("models", [])]
 
 
-def resources_dirs() -> list[Path]:
-    """Where shipped files are looked for: the module's Resources, then voila's ``Resources/``."""
-    folders = [MODULE_RESOURCES]
-    try:
-        from voila.resources import resources_dir
-
-        folders.append(resources_dir())
-    except VoilaError:
-        pass
-    return folders
-
-
 def local_model_path(entry: ModelEntry) -> Optional[Path]:
-    for folder in resources_dirs():
-        candidate = folder / entry.local
-        if candidate.is_file():
-            return candidate
-    return None
+    """The shipped file of a ``local`` entry, inside voila's Resources folder (:mod:`voila.resources`)."""
+    from voila.resources import resources_dir
+
+    try:
+        candidate = resources_dir() / entry.local
+    except VoilaError:
+        return None
+    return candidate if candidate.is_file() else None
 
 
 def sha256_of(path: Path) -> str:

@@ -43,13 +43,16 @@ __all__ = [
 ]
 
 
+def train(config, progress=None, stop=None, progress_bar: bool = False, **overrides):
+    """Train a VOILA model; returns the exported model file. See :func:`voila.training.api.train`."""
+    from voila.training.api import train as run_training
+
+    return run_training(config, progress=progress, stop=stop, progress_bar=progress_bar, **overrides)
+
+
 def __getattr__(name: str):
     if name == "Segmenter":
         from voila.infer.segmenter import Segmenter
 
         return Segmenter
-    if name == "train":
-        from voila.train.api import train
-
-        return train
     raise AttributeError(f"module 'voila' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""The ``voila`` command line: ``voila info | segment | train | evaluate``.
+"""The ``voila`` command line: ``voila info | segment | train | evaluate | demo``.
 
-Each subcommand lives in ``voila.commands.<name>`` and provides ``add_parser(subparsers)`` and
-``run(args) -> int``. Errors a user can cause (:class:`voila.VoilaError`) print one line and exit
+Each subcommand lives in ``voila.commands.<name>`` and provides ``SUMMARY`` and ``DESCRIPTION``
+(its ``--help`` texts), ``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can cause (:class:`voila.VoilaError`) print one line and exit
 non-zero; ``--debug`` adds the traceback.
 """
 
@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
 from voila import __version__
 from voila.errors import VoilaError
 
-SUBCOMMANDS = ("info", "segment", "evaluate", "train")
+SUBCOMMANDS = ("info", "segment", "evaluate", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"voila.commands.{name}")
-        sub = module.add_parser(subparsers)
+        options = getattr(module, "PARSER_OPTIONS", {})
+        sub = subparsers.add_parser(name, help=module.SUMMARY, description=module.DESCRIPTION, **options)
+        module.add_arguments(sub)
         # SUPPRESS: an absent sub-flag must not reset `voila --debug COMMAND` to False
         sub.add_argument(
             "--debug",
@@ -55,14 +59,27 @@ def quiet_libraries(debug: bool) -> None:
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.NullHandler())
+    # nibabel prints header "fixes" to stderr itself; VOILA checks those headers and says what is wrong
+    logging.getLogger("nibabel.global").setLevel(logging.ERROR)
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.simplefilter("ignore", FutureWarning)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so every clean-up (``finally``) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.run(args) or 0)
     except VoilaError as error:
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"voila {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"voila {args.command}: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+        return 143
     except Exception as error:  # unexpected: still one line unless --debug
         if args.debug:
             traceback.print_exc()
@@ -83,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

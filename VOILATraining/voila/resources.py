@@ -1,7 +1,10 @@
 """Locate the project's shared data: vocabulary, terminology, sample CT, demo model.
 
-The repository's top-level ``Resources/`` folder is the one home of these files. A checkout or
-editable install finds it next to the package; elsewhere set ``VOILA_RESOURCES`` to its path.
+The repository's top-level ``Resources/`` folder is the one home of these files. It is found, in
+this order: ``$VOILA_RESOURCES``; a ``Resources/`` folder beside the ``voila`` package (the
+installed Slicer extension, where ``voila/`` and ``Resources/`` sit side by side in the module
+folder); the repository's own ``Resources/`` (a checkout or an editable install). This is the only
+place that knows these locations.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ SAMPLE_CT = "SampleData/totalseg-example/example_ct.nii.gz"
 
 
 def resources_dir() -> Path:
-    """The ``Resources/`` folder: ``$VOILA_RESOURCES`` or the repository's own."""
+    """The ``Resources/`` folder (see the module docstring for where it is looked for)."""
     env = os.environ.get("VOILA_RESOURCES")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "Resources")
-    for candidate in candidates:
-        if candidate.is_dir():
+    if env:
+        if not (Path(env) / VOCABULARY).is_file():
+            raise VoilaError(
+                f"VOILA_RESOURCES is {env}, which holds no {VOCABULARY}; point it at the 'Resources' "
+                "folder of a VOILA checkout or installed extension, or unset it"
+            )
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "Resources", package.parents[1] / "Resources"):
+        if (candidate / VOCABULARY).is_file():
             return candidate
     raise VoilaError(
         "cannot find the VOILA Resources folder; set VOILA_RESOURCES to the 'Resources' folder "

@@ -23,6 +23,7 @@ The vocabulary file ``Resources/Vocabulary/voila_vocabulary.json`` is generated 
 
 from __future__ import annotations
 
+import colorsys
 import json
 import re
 import unicodedata
@@ -34,6 +35,7 @@ from typing import Any
 from voila.errors import VoilaError
 
 FORMAT_VERSION = 1
+BACKGROUND = "background"  # class 0 of every model and label map
 DEFAULT_TEMPLATE = "This region represents the {name}."
 NEIGHBOR_SENTENCE = "Neighboring structures include {neighbors}."
 TERMINOLOGY_KEYS = ("category", "type", "type_modifier", "anatomic_region", "anatomic_region_modifier")
@@ -96,13 +98,24 @@ _CURATED_SYNONYMS = {
 _SPECIAL_VERTEBRA_NAMES = {"C1": ("atlas",), "C2": ("axis",)}
 
 
-def normalize_prompt(text: str) -> str:
-    """Lower-case, NFKC-normalised text with ``_``/``-``/runs of spaces as one space, no trailing dot.
+def split_words(text: str) -> str:
+    """Dataset label spellings as words: ``_`` and runs of spaces become one space, CamelCase splits.
 
-    >>> normalize_prompt("  Kidney_LEFT - cyst. ")
-    'kidney left cyst'
+    >>> split_words("LeftParotid"), split_words("Tumor_Core"), split_words("IVC"), split_words("vertebrae_L3")
+    ('Left Parotid', 'Tumor Core', 'IVC', 'vertebrae L3')
     """
-    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", unicodedata.normalize("NFKC", str(text)))
+    return " ".join(text.replace("_", " ").split())
+
+
+def normalize_prompt(text: str) -> str:
+    """The key a prompt or class name is compared by: NFKC, CamelCase split, lower case,
+    ``_``/``-``/runs of spaces as one space, no trailing punctuation.
+
+    >>> normalize_prompt("  Kidney_LEFT - cyst. "), normalize_prompt("TumorCore")
+    ('kidney left cyst', 'tumor core')
+    """
+    text = split_words(text).lower()
     text = re.sub(r"[_\-\u2010-\u2015]+", " ", text)
     text = re.sub(r"\s+", " ", text).strip()
     return re.sub(r"[\s.,;:!?]+$", "", text)
@@ -369,3 +382,48 @@ class Vocabulary:
                 "regenerate it with 'python -m voila.vocabulary_build'"
             ) from None
         return cls.from_dict(data)
+
+
+# -- naming: the one home of "which class does this label or prompt mean" --------------------
+
+
+def class_name(label: str, vocabulary: Vocabulary) -> str:
+    """The model class a dataset label names: the vocabulary name, else the label as words.
+
+    >>> class_name("Kidney (left)", vocabulary), class_name("Tumor_Core", vocabulary)
+    ('kidney_left', 'Tumor Core')
+    >>> class_name("LeftParotid", vocabulary)
+    'Left Parotid'
+    """
+    structure = vocabulary.match(label)
+    return structure.name if structure is not None else split_words(label)
+
+
+def class_key(text: str, vocabulary: Vocabulary) -> str:
+    """What two names are compared by: the vocabulary name they match, else their normalised text.
+
+    A prompt means a trained class when both have the same key, so the prompt "tumor core" finds
+    the class trained from the label ``Tumor_Core``, and "left parotid" the one from ``LeftParotid``.
+    """
+    structure = vocabulary.match(text)
+    return structure.name if structure is not None else normalize_prompt(text)
+
+
+def class_sentence(name: str, vocabulary: Vocabulary, template: str = DEFAULT_TEMPLATE) -> str:
+    """The sentence whose CLIP features stand for a class: the vocabulary's prompt (with measured
+    neighbours) for a vocabulary name, the template filled with the text itself for free text."""
+    if name in vocabulary:
+        return vocabulary[name].prompt_text(template)
+    return template.format(name=name)
+
+
+def free_text_color(text: str) -> tuple[int, int, int]:
+    """A stable, saturated colour for a class without one: hue from a hash of its normalised text.
+
+    The same text gets the same colour in every run, in the CLI's preview, in training pictures
+    and in Slicer.
+    """
+    key = normalize_prompt(text)
+    hue = (sum(ord(c) * 31**i for i, c in enumerate(key[:32])) % 360) / 360.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    return int(red * 255), int(green * 255), int(blue * 255)

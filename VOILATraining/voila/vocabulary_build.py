@@ -15,7 +15,6 @@ absent from every labelmap get no neighbours; the JSON lists them. The output is
 from __future__ import annotations
 
 import argparse
-import colorsys
 import csv
 import hashlib
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voila.data.geometry import voxel_spacing
 from voila.errors import VoilaError
 from voila.resources import VOCABULARY, resources_dir
 from voila.vocabulary import (
@@ -31,6 +31,7 @@ from voila.vocabulary import (
     Structure,
     Vocabulary,
     default_synonyms,
+    free_text_color,
     readable_name,
 )
 
@@ -85,13 +86,6 @@ def read_terminology(path: Path) -> dict[str, tuple[dict, tuple[int, int, int] |
     return entries
 
 
-def fallback_color(label: int) -> tuple[int, int, int]:
-    """A distinct colour for a label without one: hues spaced by the golden angle."""
-    hue = (label * 0.618033988749895) % 1.0
-    red, green, blue = colorsys.hsv_to_rgb(hue, 0.65, 0.9)
-    return (round(red * 255), round(green * 255), round(blue * 255))
-
-
 def structure_contacts(
     labelmap: np.ndarray, spacing: tuple[float, float, float], threshold_mm: float
 ) -> dict[tuple[int, int], tuple[float, float]]:
@@ -143,7 +137,7 @@ def _read_labelmap(path: Path, labels: set[int]) -> tuple[np.ndarray, tuple[floa
         data = np.rint(data)
     labelmap = data.astype(np.int32)
     labelmap[~np.isin(labelmap, sorted(labels))] = 0
-    spacing = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(image.affine)
     return labelmap, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
@@ -236,7 +230,7 @@ def build_vocabulary(
             codes["category"] = dict(_ANATOMICAL_STRUCTURE)
         if color is None:
             color_fallbacks.append(name)
-            color = fallback_color(label)
+            color = free_text_color(name)
         structures.append(
             Structure(
                 name=name,
@@ -257,7 +251,7 @@ def build_vocabulary(
             "fallbacks": terminology_fallbacks,
             "fallback_rule": "category Anatomical Structure (SCT 123037004), no type code",
             "color_fallbacks": color_fallbacks,
-            "color_fallback_rule": "golden-angle hue from the label (voila.vocabulary_build.fallback_color)",
+            "color_fallback_rule": "hue from a hash of the name (voila.vocabulary.free_text_color)",
         },
         "names": "display names and synonyms from voila.vocabulary.readable_name / default_synonyms",
         "neighbors": neighbor_provenance,

@@ -25,15 +25,15 @@ case's reference are skipped, a missed class scores Dice 0 and NSD 0 and is left
 classes are averaged over cases and then over classes."""
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="score predicted segmentations against references (Dice, NSD, HD95)",
-        description="Score predicted segmentations against references: Dice, normalised surface "
-        "Dice and HD95 per class and case, with a summary table, CSV, JSON and box plots.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+SUMMARY = "score predicted segmentations against references (Dice, NSD, HD95)"
+DESCRIPTION = (
+    "Score predicted segmentations against references: Dice, normalised surface "
+    "Dice and HD95 per class and case, with a summary table, CSV, JSON and box plots."
+)
+PARSER_OPTIONS = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, metavar="PATH", help="the predicted segmentation(s)")
     parser.add_argument("--ref", required=True, metavar="PATH", help="the reference segmentation(s)")
     parser.add_argument(
@@ -56,7 +56,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="REPORT_DIR",
         help="write metrics_per_case.csv, summary.md, summary.json and boxplots.png here",
     )
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.output,
         progress=_print_progress if sys.stderr.isatty() else None,
     )
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(report.markdown(), end="")
     if args.output:
         print(f"report written to {args.output}")

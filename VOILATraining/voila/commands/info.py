@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+SUMMARY = "print a model file's card, or a preset's configuration, and the trainable-parameter count"
+DESCRIPTION = "Print a VOILA model file's card (classes, spacing, licence, training) or a preset."
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "info",
-        help="print a model file's card, or a preset's configuration, and the trainable-parameter count",
-        description="Print a VOILA model file's card (classes, spacing, licence, training) or a preset.",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("model", nargs="?", help="a VOILA .safetensors model file")
     source.add_argument("--preset", help="a preset name (paper, small, tiny) or a preset YAML file")
     parser.add_argument("--json", action="store_true", help="print the card as JSON")
-    return parser
 
 
 def format_parameters(count: int) -> str:

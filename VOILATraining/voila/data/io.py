@@ -22,7 +22,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from voila.errors import InputImageError, OutputError
+from voila import device
+from voila.data.geometry import check_affine, voxel_spacing
+from voila.errors import InputImageError, InsufficientMemoryError, OutputError
+from voila.outputs import describe_os_error, file_suffix, temporary_name
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,16 +37,15 @@ WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 # Diagonal that flips the first two world axes: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+GZIP_MAGIC = b"\x1f\x8b"
+# DEFLATE cannot expand data by more than about 1032:1, so a compressed file of n bytes holds at
+# most this many times n bytes of voxels: a header claiming more is corrupt or hostile.
+MAX_DEFLATE_RATIO = 1100
 _SERIES_DESCRIPTION_TAG = "0008|103e"
 _SERIES_UID_TAG = "0020|000e"
 
-
-def file_suffix(path: PathLike) -> str:
-    """Lower-case extension, treating ``.nii.gz`` as one suffix."""
-    name = Path(path).name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return Path(name).suffix
+# ITK's own warnings (e.g. "no DICOM files in folder") would print before VOILA's one-line error.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 def read_image(path: PathLike, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +56,7 @@ def read_image(path: PathLike, series_uid: str | None = None) -> tuple[np.ndarra
     from a folder that holds several.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputImageError(f"image {path} does not exist; check the path")
+    _check_readable(path)
     if path.is_dir():
         array, affine = _read_dicom_folder(path, series_uid)
     else:
@@ -74,30 +75,43 @@ def read_image(path: PathLike, series_uid: str | None = None) -> tuple[np.ndarra
     return _as_volume(array, path), affine
 
 
-def check_ct(array: np.ndarray, affine: np.ndarray) -> list[str]:
-    """Sanity checks of a CT volume: raise for unusable input, return warnings for suspicious input.
+def check_volume(array: np.ndarray, affine: np.ndarray, what: str = "the image") -> None:
+    """The one structural check of an input volume: a numeric 3-D array (no single slice, no time
+    series, no RGB) on a usable grid (:func:`voila.data.geometry.check_affine`).
 
-    Raises :class:`InputImageError` for NaN/Inf voxels and for a singular or non-orthogonal
-    (sheared) voxel→world matrix. Warns when the intensities do not look like Hounsfield units.
+    Raises :class:`InputImageError` saying what to do.
     """
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise InputImageError("the image geometry is invalid (affine must be a finite 4x4 matrix)")
-    columns = affine[:3, :3]
-    spacing = np.linalg.norm(columns, axis=0)
-    if np.any(spacing < 1e-6):
-        raise InputImageError("the image has a zero voxel spacing; fix the image header")
-    directions = columns / spacing
-    if not np.allclose(directions.T @ directions, np.eye(3), atol=1e-3):
+    _check_array(np.asarray(array), what)
+    check_affine(affine, what)
+
+
+def _check_array(array: np.ndarray, what: str) -> None:
+    if array.dtype.names is not None:
+        raise InputImageError(f"{what} is an RGB/vector image; VOILA needs a single 3-D CT volume")
+    if array.ndim > 3:
         raise InputImageError(
-            "the image grid is sheared (non-orthogonal axes, e.g. a gantry-tilted CT); "
-            "resample it first (Slicer: Resample Scalar/Vector/DWI Volume)"
+            f"{what} has shape {array.shape} (a 4-D, time series or vector image); "
+            "VOILA needs a single 3-D CT volume"
         )
+    if array.ndim < 3 or min(array.shape) < 2:
+        raise InputImageError(
+            f"{what} has shape {array.shape}, a 2-D image or single slice; VOILA needs a single 3-D CT volume"
+        )
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise InputImageError(f"{what} has voxel type {array.dtype}; a CT needs numeric voxels")
+
+
+def check_ct(array: np.ndarray, affine: np.ndarray, what: str = "the image") -> list[str]:
+    """:func:`check_volume`, then the content: raise for NaN/Inf voxels, return warnings for
+    intensities that do not look like Hounsfield units."""
+    check_volume(array, affine, what)
     if np.issubdtype(array.dtype, np.floating):
         for slab in _slabs(array):
             if not np.all(np.isfinite(slab)):
                 raise InputImageError(
-                    "the image contains NaN or infinite voxels; replace them (e.g. with -1000) first"
+                    f"{what} contains NaN or infinite voxels; replace them (e.g. with -1000) first"
                 )
     warnings: list[str] = []
     low, high = float(array.min()), float(array.max())
@@ -116,6 +130,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     The temporary file is ``<dir>/.<name>.partial-<pid><suffix>`` (same folder, so ``os.replace``
     is atomic; same suffix, so writers pick the right format). On any exception it is deleted and
     ``path`` is left untouched. OS errors become :class:`OutputError` with a message saying what to do.
+    For several files that must appear together, use :class:`voila.outputs.OutputSet`.
     """
     path = Path(path)
     folder = path.parent
@@ -123,27 +138,32 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise OutputError(f"output folder {folder} does not exist; create it or choose another output")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder {folder} is not writable; choose another output folder")
-    partial = folder / f".{path.name}.partial-{os.getpid()}{file_suffix(path)}"
+    partial = temporary_name(path)
     try:
         yield partial
         os.replace(partial, path)
     except OSError as error:
         _remove_quietly(partial)
-        raise OutputError(_describe_os_error(error, path)) from error
+        raise OutputError(describe_os_error(error, path)) from error
     except BaseException:
         _remove_quietly(partial)
         raise
 
 
 def write_volume(
-    path: PathLike, array: np.ndarray, affine: np.ndarray, reference_path: PathLike | None = None
+    path: PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    reference_path: PathLike | None = None,
+    atomic: bool = True,
 ) -> Path:
     """Write ``array`` (indexed ``[i, j, k]``) with its voxel→RAS ``affine``; format from the extension.
 
     ``.nii``/``.nii.gz`` are written by nibabel, ``.nrrd``/``.mha`` by SimpleITK (RAS→LPS converted,
     compressed). For NIfTI, ``reference_path`` (the NIfTI the volume was computed from) lends its
     header — description, units, qform/sform codes — so both files look alike to other tools.
-    The write is atomic (:func:`atomic_path`). Returns ``Path(path)``.
+    The write is atomic (:func:`atomic_path`) unless ``atomic`` is False (``path`` is then already a
+    temporary file of an :class:`voila.outputs.OutputSet`). Returns ``Path(path)``.
     """
     path = Path(path)
     suffix = file_suffix(path)
@@ -155,7 +175,7 @@ def write_volume(
         raise ValueError(f"expected a 3-D array and a 4x4 affine, got {array.shape} and {affine.shape}")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
-    with atomic_path(path) as partial:
+    with atomic_path(path) if atomic else contextlib.nullcontext(path) as partial:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(partial, array, affine, reference_path)
         else:
@@ -163,7 +183,92 @@ def write_volume(
     return path
 
 
+def _check_readable(path: Path) -> None:
+    """A missing path and an unreadable one are different problems with different fixes."""
+    try:
+        path.stat()
+    except PermissionError:
+        raise InputImageError(f"cannot read {path}: permission denied; check its permissions") from None
+    except OSError:
+        raise InputImageError(f"image {path} does not exist; check the path") from None
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise InputImageError(f"cannot read {path}: permission denied; check its permissions")
+
+
+def check_image_size(name: str, voxels: int, bytes_per_voxel: int, stored_bytes: int | None = None) -> None:
+    """Before any voxel is read: refuse a header whose size its file cannot hold (``stored_bytes``,
+    the most its content can expand to) or this machine cannot hold in memory."""
+    needed = int(voxels) * int(bytes_per_voxel)
+    if stored_bytes is not None and needed > stored_bytes:
+        raise InputImageError(
+            f"cannot read {name}: its header describes {voxels:,} voxels ({device.format_bytes(needed)}) "
+            "but the file is far too small to hold them; the file is truncated or corrupt: export it again"
+        )
+    available = device.available_memory_bytes()
+    if available is not None and needed > available:
+        raise InsufficientMemoryError(
+            f"{name} holds {voxels:,} voxels ({device.format_bytes(needed)}) but "
+            f"{device.format_bytes(available)} of memory are available; crop the volume to the region "
+            "of interest or use a larger machine"
+        )
+
+
+def _check_nifti_header(path: Path) -> None:
+    """The raw NIfTI header, before nibabel reads (and quietly "fixes") it."""
+    with open(path, "rb") as handle:
+        start = handle.read(348)
+    gzipped = start[:2] == GZIP_MAGIC
+    plain_nifti = (
+        len(start) == 348
+        and start[344:347] in (b"n+1", b"ni1")
+        and (int.from_bytes(start[:4], "little") == 348 or int.from_bytes(start[:4], "big") == 348)
+    )
+    if path.name.lower().endswith(".gz") != gzipped and (gzipped or plain_nifti):
+        actual = "gzip-compressed" if gzipped else "not gzip-compressed"
+        right = ".nii.gz" if gzipped else ".nii"
+        raise InputImageError(
+            f"cannot read {path.name}: the file is {actual} but its name says otherwise; rename it to "
+            f"end in {right}"
+        )
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+        shape = tuple(int(n) for n in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        slope, _ = header.get_slope_inter()
+    except Exception as error:
+        raise InputImageError(
+            f"cannot read {path.name}: the NIfTI file is truncated or corrupt ({_short(error)}); export it again"
+        ) from None
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(len(shape), 3)]]
+    if int(header["sform_code"]) == 0 and any(v == 0 or not np.isfinite(v) for v in pixdim):
+        raise InputImageError(
+            f"{path.name} has a zero voxel size in its header (pixdim {pixdim}); fix the voxel "
+            "spacing (e.g. re-export it, or set the spacing in Slicer's Volumes module)"
+        )
+    voxels = int(np.prod(shape)) if shape else 0
+    needed = int(header.get_data_offset()) + voxels * itemsize
+    size = path.stat().st_size
+    if gzipped:
+        with open(path, "rb") as handle:  # ISIZE: the uncompressed length modulo 2**32
+            handle.seek(-4, os.SEEK_END)
+            uncompressed = int.from_bytes(handle.read(4), "little")
+        if (needed < 2**32 and uncompressed < needed) or needed > size * MAX_DEFLATE_RATIO:
+            raise InputImageError(
+                f"cannot read {path.name}: the NIfTI file is truncated or corrupt (its header describes "
+                f"{voxels:,} voxels that its compressed data cannot hold); export it again"
+            )
+    elif size < needed:
+        raise InputImageError(
+            f"cannot read {path.name}: the NIfTI file is truncated or corrupt ({size:,} bytes, its "
+            f"header needs {needed:,}); export it again"
+        )
+    scaled = slope is not None and np.isfinite(slope) and slope not in (0.0, 1.0)
+    check_image_size(path.name, voxels, max(itemsize, 8 if scaled else itemsize))
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    _check_nifti_header(path)
     try:
         # No memory map: it would keep the file open (and locked on Windows) after reading.
         image = nib.load(str(path), mmap=False)
@@ -176,14 +281,27 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"cannot read {path.name}: the NIfTI file is truncated or corrupt ({_short(error)}); "
             "export it again"
         ) from error
-    if array.dtype.names is not None:
-        raise InputImageError(f"{path.name} is an RGB/vector image; VOILA needs a single 3-D CT volume")
     return array, np.asarray(image.affine, dtype=np.float64)
 
 
 def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputImageError(
+            f"cannot read {path.name}: the file is truncated, corrupt or not an image; export it again"
+        ) from error
+    voxels = int(np.prod(reader.GetSize()))
+    itemsize = sitk.GetArrayViewFromImage(
+        sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
+    ).itemsize
+    detached = file_suffix(path) in (".nhdr", ".mhd")  # the voxels live in another file
+    stored = None if detached else path.stat().st_size * MAX_DEFLATE_RATIO
+    check_image_size(path.name, voxels, itemsize * reader.GetNumberOfComponents(), stored)
+    try:
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputImageError(
             f"cannot read {path.name}: the file is truncated, corrupt or not an image; export it again"
@@ -268,18 +386,7 @@ def _as_volume(array: np.ndarray, path: Path) -> np.ndarray:
     """Drop trailing singleton axes beyond the third; refuse anything that is not a 3-D volume."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim > 3:
-        raise InputImageError(
-            f"{path.name} has shape {array.shape} (a 4-D, time series or vector image); "
-            "VOILA needs a single 3-D CT volume"
-        )
-    if array.ndim < 3 or min(array.shape) < 2:
-        raise InputImageError(
-            f"{path.name} has shape {array.shape}, a 2-D image or single slice; "
-            "VOILA needs a single 3-D CT volume"
-        )
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InputImageError(f"{path.name} has voxel type {array.dtype}; VOILA needs a single 3-D CT volume")
+    _check_array(array, path.name)
     return array
 
 
@@ -303,7 +410,7 @@ def _write_itk(partial: Path, array: np.ndarray, affine: np.ndarray) -> None:
         array = array.astype(np.int32)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     lps = LPS_TO_RAS @ affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    spacing = voxel_spacing(lps)
     image.SetSpacing(spacing.tolist())
     image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     image.SetOrigin(lps[:3, 3].tolist())
@@ -323,14 +430,6 @@ def _slabs(array: np.ndarray, voxels: int = 1 << 24) -> Iterator[np.ndarray]:
     step = max(1, voxels // max(1, int(np.prod(array.shape[1:]))))
     for start in range(0, array.shape[0], step):
         yield array[start : start + step]
-
-
-def _describe_os_error(error: OSError, path: Path) -> str:
-    if error.errno == errno.ENOSPC:
-        return f"cannot write {path}: the disk is full; free some space or choose another output folder"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: permission denied; choose a writable output folder"
-    return f"cannot write {path}: {error.strerror or error}; check the output folder"
 
 
 def _remove_quietly(path: Path) -> None:

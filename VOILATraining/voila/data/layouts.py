@@ -29,16 +29,15 @@ from typing import Any, Union
 import nibabel as nib
 import numpy as np
 
+from voila.data.geometry import same_grid
 from voila.data.io import NIFTI_SUFFIXES, file_suffix, read_image
 from voila.errors import DatasetError
+from voila.vocabulary import BACKGROUND
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-BACKGROUND = "background"
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
-# Grids whose affines differ by less than this (mm) are the same grid (float32 headers round).
-_GRID_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -171,8 +170,8 @@ def _read_meta_csv(path: Path) -> dict[str, str]:
 
 def _datalist(path: Path, content: dict[str, Any]) -> Dataset:
     folder = path.parent
-    dataroot = Path(content.get("dataroot") or folder)
-    root = dataroot if dataroot.is_absolute() else folder / dataroot
+    dataroot = Path(content["dataroot"]) if content.get("dataroot") else None
+    root = folder if dataroot is None else dataroot if dataroot.is_absolute() else folder / dataroot
     class_names = _names_from_index_map(content.get("labels"), path)
     cases: list[Case] = []
     for section in ("training", "validation", "test", "testing"):
@@ -292,8 +291,13 @@ def _check_same_grid(
     image_shape: tuple[int, ...],
     image_affine: np.ndarray,
 ) -> None:
-    if tuple(shape) != tuple(image_shape) or not np.allclose(affine, image_affine, atol=_GRID_TOLERANCE):
+    if not same_grid(shape, affine, image_shape, image_affine):
+        difference = (
+            f"shape {tuple(shape)} vs {tuple(image_shape)}"
+            if tuple(shape) != tuple(image_shape)
+            else "same shape, but the voxels lie at other positions: shifted, flipped or another spacing"
+        )
         raise DatasetError(
-            f"case {case.case_id}: {path.name} is not on the grid of {case.image.name} "
-            f"(shape {tuple(shape)} vs {tuple(image_shape)}); resample it onto the image"
+            f"case {case.case_id}: {path.name} is not on the grid of {case.image.name} ({difference}); "
+            "resample it onto the image"
         )

@@ -14,23 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    Lambdad,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
 from scipy import ndimage
 
 from voila.errors import ConfigError, InputImageError
+
+if TYPE_CHECKING:  # MONAI is imported where it is used: reading a model card must stay light
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
 
 # Axis codes name the direction an axis points to: in RAS (nibabel's world) +x is the patient's
 # Right, +y Anterior, +z Superior; (start, end) letters of world x, y, z.
@@ -112,6 +106,8 @@ class AboveThreshold:
 
 def to_metatensor(array: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaTensor:
     """A channel-less ``(i, j, k)`` MetaTensor with its voxel→RAS ``affine``, as ``LoadImaged`` makes."""
+    from monai.data import MetaTensor
+
     return _declare_channel_less_3d(
         MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)))
     )
@@ -123,6 +119,8 @@ def _declare_channel_less_3d(image: torch.Tensor) -> torch.Tensor:
     Without the mark MONAI (>= 1.5) takes the first axis of a 3-D tensor for the channel, and
     cropping then leaves the third axis out of the affine update: a silently shifted grid.
     """
+    from monai.data import MetaTensor
+
     if isinstance(image, MetaTensor) and image.ndim == 3:
         image.meta["original_channel_dim"] = "no_channel"
         image.affine = image.affine  # re-derives the cached spatial rank from the affine
@@ -141,6 +139,16 @@ def deterministic_transforms(
     ``LoadImaged`` makes them). Outputs are ``(1, D, H, W)`` MetaTensors: the image float32 and
     normalised; labels resampled with nearest neighbour. Used unchanged for training and inference.
     """
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        Lambdad,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
     label_keys = list(label_keys)
     keys = [image_key, *label_keys]
     transforms = [
@@ -191,6 +199,8 @@ def preprocess_volume(image: np.ndarray, affine: np.ndarray, config: Preprocessi
         raise InputImageError(f"expected a 4x4 voxel-to-RAS affine, got shape {affine.shape}")
     if image.dtype not in _NATIVE_DTYPES:  # e.g. float64 or uint16: torch resamples float32
         image = image.astype(np.float32)
+    from monai.data import MetaTensor
+
     # int16 stays int16 until Spacingd: reorientation and the body crop touch half the bytes, and
     # only the cropped region is ever converted to float32 (a 512×512×400 CT: 0.4 GB less at peak)
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(image)), affine=torch.from_numpy(affine))

@@ -22,11 +22,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Callable, Union
 
+from voila.data.geometry import voxel_spacing
 from voila.errors import InputImageError
-from voila.evaluate.metrics import compute_metrics, spacing_from_affine
-from voila.evaluate.report import CaseClassResult, ClassSummary, EvaluationReport, write_report
+from voila.evaluate.metrics import compute_metrics
+from voila.evaluate.report import (
+    CaseClassResult,
+    ClassSummary,
+    EvaluationReport,
+    create_report_folder,
+    report_outputs,
+    write_report,
+)
 from voila.evaluate.sources import (
     CaseFiles,
     LoadedCase,
@@ -61,8 +70,18 @@ def evaluate(
     if not (isinstance(tolerance_mm, (int, float)) and math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise InputImageError(f"the NSD tolerance must be a number of mm >= 0, got {tolerance_mm!r}")
     label_names = dict(classes) if isinstance(classes, Mapping) else None
+    outputs = None
+    if out_dir is not None:  # checked before any work: the report never replaces what it did not write
+        create_report_folder(out_dir)
+        outputs = report_outputs(out_dir, inputs=[pred, ref])
+        outputs.check()
     naming = Naming(label_names)
-    pairs = _pair_cases(discover_cases(pred, naming), discover_cases(ref, naming))
+    pred_cases, ref_cases = discover_cases(pred, naming), discover_cases(ref, naming)
+    pairs = _pair_cases(
+        pred_cases,
+        ref_cases,
+        by_name=_folder_of_labelmaps(pred, pred_cases) and _folder_of_labelmaps(ref, ref_cases),
+    )
 
     if label_names is not None:
         selected: list[str] | None = list(dict.fromkeys(naming.label_names.values()))
@@ -80,9 +99,18 @@ def evaluate(
     class_order = _class_order(selected, ref_names, pred_names)
 
     rows: list[CaseClassResult] = []
+    warnings: list[str] = []
     for index, (pred_files, ref_files) in enumerate(pairs):
         ref_case = LoadedCase(ref_files, naming)
         pred_case = LoadedCase(pred_files, naming)
+        for case in (pred_case, ref_case):
+            if case.unnamed_values:
+                shown = ", ".join(str(v) for v in case.unnamed_values[:8])
+                more = f" and {len(case.unnamed_values) - 8} more" if len(case.unnamed_values) > 8 else ""
+                warnings.append(
+                    f"{case.files.location.name} holds label values with no name ({shown}{more}); they were "
+                    "not scored: name them in its sidecar JSON or with --classes LABEL=NAME"
+                )
         check_same_grid(
             pred_files.location,
             pred_case.shape,
@@ -91,16 +119,16 @@ def evaluate(
             ref_case.shape,
             ref_case.affine,
         )
-        spacing = spacing_from_affine(ref_case.affine)
+        spacing = tuple(float(v) for v in voxel_spacing(ref_case.affine))
         for name in class_order:
             if name in ref_case.class_names:
                 rows.extend(_score_class(ref_files.name, name, pred_case, ref_case, spacing, tolerance_mm))
         if progress is not None:
             progress((index + 1) / len(pairs))
 
-    report = EvaluationReport.from_rows(rows, class_order, tolerance_mm, [r.name for _, r in pairs])
+    report = EvaluationReport.from_rows(rows, class_order, tolerance_mm, [r.name for _, r in pairs], warnings)
     if out_dir is not None:
-        write_report(report, out_dir)
+        write_report(report, out_dir, outputs)
     return report
 
 
@@ -132,8 +160,17 @@ def _score_class(
     ]
 
 
-def _pair_cases(pred_cases: list[CaseFiles], ref_cases: list[CaseFiles]) -> list[tuple[CaseFiles, CaseFiles]]:
-    if len(pred_cases) == 1 and len(ref_cases) == 1:
+def _folder_of_labelmaps(path: PathLike, cases: list[CaseFiles]) -> bool:
+    """A folder whose files are cases (one labelmap each): its cases are matched by file name."""
+    return Path(path).is_dir() and all(case.labelmap is not None for case in cases)
+
+
+def _pair_cases(
+    pred_cases: list[CaseFiles], ref_cases: list[CaseFiles], by_name: bool
+) -> list[tuple[CaseFiles, CaseFiles]]:
+    """Prediction and reference cases by name; one case each side is paired as given unless both
+    sides are folders of labelmaps (then the names must agree, as for many cases)."""
+    if len(pred_cases) == 1 and len(ref_cases) == 1 and not by_name:
         return [(pred_cases[0], ref_cases[0])]
     by_name = {case.name: case for case in ref_cases}
     missing = [case.name for case in pred_cases if case.name not in by_name]

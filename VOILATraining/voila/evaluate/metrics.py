@@ -142,12 +142,6 @@ def compute_metrics(
     )
 
 
-def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size in mm along the array axes ``i, j, k``: the lengths of the affine's columns."""
-    matrix = np.asarray(affine, dtype=float)[:3, :3]
-    return tuple(float(v) for v in np.linalg.norm(matrix, axis=0))  # type: ignore[return-value]
-
-
 def _directed(
     from_surface: np.ndarray,
     from_codes: np.ndarray,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import io
@@ -26,6 +27,9 @@ import numpy as np
 
 from voila.data.io import atomic_path
 from voila.errors import OutputError
+from voila.outputs import OutputSet
+
+GENERATOR = "voila evaluate"
 
 CONVENTIONS = (
     "DeepMind surface-distance conventions: surfel-area-weighted surface distances in mm on the "
@@ -76,6 +80,7 @@ class EvaluationReport:
     not_scored: tuple[str, ...]
     cases: tuple[str, ...]
     tolerance_mm: float
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def from_rows(
@@ -84,6 +89,7 @@ class EvaluationReport:
         class_order: Sequence[str],
         tolerance_mm: float,
         cases: Sequence[str],
+        warnings: Sequence[str] = (),
     ) -> EvaluationReport:
         by_class: dict[str, list[CaseClassResult]] = {}
         for row in rows:
@@ -104,7 +110,14 @@ class EvaluationReport:
                     n_missed=sum(1 for row in own if row.pred_voxels == 0),
                 )
             )
-        return cls(tuple(rows), tuple(summaries), tuple(not_scored), tuple(cases), float(tolerance_mm))
+        return cls(
+            tuple(rows),
+            tuple(summaries),
+            tuple(not_scored),
+            tuple(cases),
+            float(tolerance_mm),
+            tuple(warnings),
+        )
 
     @property
     def mean_dice(self) -> float:
@@ -123,6 +136,7 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         """JSON-ready summary; undefined numbers are ``None``."""
         return {
+            "written_by": GENERATOR,
             "tolerance_mm": self.tolerance_mm,
             "conventions": CONVENTIONS,
             "n_cases": len(self.cases),
@@ -138,6 +152,7 @@ class EvaluationReport:
                 for c in self.classes
             },
             "not_scored": list(self.not_scored),
+            "warnings": list(self.warnings),
         }
 
     def markdown(self) -> str:
@@ -182,29 +197,68 @@ class EvaluationReport:
         return buffer.getvalue()
 
 
-def write_report(report: EvaluationReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the CSV, markdown, JSON and box plots into ``out_dir`` (created if needed)."""
+REPORT_FILES = {
+    "csv": "metrics_per_case.csv",
+    "markdown": "summary.md",
+    "json": "summary.json",
+    "boxplots": "boxplots.png",
+}
+
+
+def report_outputs(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> OutputSet:
+    """The report's files as one :class:`~voila.outputs.OutputSet`: an existing report is replaced
+    only when its ``summary.json`` says ``voila evaluate`` wrote it."""
     out_dir = Path(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        earlier = json.loads((out_dir / REPORT_FILES["json"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    ours = isinstance(earlier, dict) and earlier.get("written_by") == GENERATOR
+    outputs = OutputSet(
+        GENERATOR, inputs=inputs, owns=lambda path: ours and path.name in REPORT_FILES.values()
+    )
+    for what, name in REPORT_FILES.items():
+        outputs.add(out_dir / name, f"report {what}")
+    return outputs
+
+
+def create_report_folder(out_dir: str | os.PathLike) -> None:
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(
             f"cannot create the report folder {out_dir}: {error.strerror or error}; choose another folder"
         ) from None
+
+
+def write_report(
+    report: EvaluationReport, out_dir: str | os.PathLike, outputs: OutputSet | None = None
+) -> dict[str, Path]:
+    """Write the CSV, markdown, JSON and box plots into ``out_dir`` (created if needed), together
+    or not at all (:mod:`voila.outputs`)."""
+    out_dir = Path(out_dir)
+    if outputs is None:
+        create_report_folder(out_dir)
+        outputs = report_outputs(out_dir)
+        outputs.check()
     summary = (
         f"# VOILA evaluation\n\n{len(report.cases)} case(s), NSD tolerance {report.tolerance_mm:g} mm.\n\n"
         f"{report.markdown()}\n{CONVENTIONS}\n"
     )
-    files = {
-        "csv": _write_text(out_dir / "metrics_per_case.csv", report.csv_text()),
-        "markdown": _write_text(out_dir / "summary.md", summary),
-        "json": _write_text(out_dir / "summary.json", json.dumps(report.to_dict(), indent=2) + "\n"),
+    texts = {
+        "csv": report.csv_text(),
+        "markdown": summary,
+        "json": json.dumps(report.to_dict(), indent=2) + "\n",
     }
-    files["boxplots"] = write_boxplots(report, out_dir / "boxplots.png")
+    files = {what: out_dir / name for what, name in REPORT_FILES.items()}
+    with outputs.writing() as temporary:
+        for what, text in texts.items():
+            temporary[files[what]].write_text(text, encoding="utf-8")
+        write_boxplots(report, temporary[files["boxplots"]], atomic=False)
     return files
 
 
-def write_boxplots(report: EvaluationReport, path: str | os.PathLike) -> Path:
+def write_boxplots(report: EvaluationReport, path: str | os.PathLike, atomic: bool = True) -> Path:
     """Box plots of the per-case Dice and NSD of every class; horizontal when there are many classes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -239,7 +293,7 @@ def write_boxplots(report: EvaluationReport, path: str | os.PathLike) -> Path:
     figure.suptitle(f"{len(report.cases)} case(s), {len(names)} class(es)")
     figure.tight_layout()
     path = Path(path)
-    with atomic_path(path) as partial:
+    with atomic_path(path) if atomic else contextlib.nullcontext(path) as partial:
         figure.savefig(partial, format="png", dpi=110)
     return path
 
@@ -249,12 +303,6 @@ def _orientation(ax, horizontal: bool) -> dict:
     if "orientation" in inspect.signature(ax.boxplot).parameters:
         return {"orientation": "horizontal" if horizontal else "vertical"}
     return {"vert": not horizontal}
-
-
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as partial:
-        partial.write_text(text, encoding="utf-8")
-    return path
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from voila.data.geometry import grid_offset_mm, same_grid
 from voila.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, file_suffix, read_image
 from voila.errors import InputImageError, VoilaError
-from voila.vocabulary import Vocabulary, normalize_prompt
+from voila.vocabulary import Vocabulary, class_key, normalize_prompt
 
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 Region = tuple  # tuple[slice, slice, slice]
@@ -66,11 +67,10 @@ class Naming:
             raise InputImageError("label values named with --classes must be >= 1 (0 is background)")
 
     def canonical(self, text: str) -> str:
-        """The vocabulary name a text means, or the normalised text for free-text classes."""
+        """The vocabulary name a text means, or the normalised text for free-text classes
+        (:func:`voila.vocabulary.class_key`)."""
         if self._vocabulary is not None:
-            structure = self._vocabulary.match(text)
-            if structure is not None:
-                return structure.name
+            return class_key(text, self._vocabulary)
         return normalize_prompt(text)
 
     def is_structure_name(self, text: str) -> bool:
@@ -150,12 +150,20 @@ class LoadedCase:
     def __init__(self, files: CaseFiles, naming: Naming):
         self.files = files
         self._cached: tuple[str, np.ndarray | None] | None = None
+        self.unnamed_values: list[int] = []
         if files.labelmap is not None:
-            self.labels, self.affine = _read_labelmap(files.labelmap)
-            self.shape = self.labels.shape
+            labels, self.affine = _read_labelmap(files.labelmap)
+            self.shape = labels.shape
+            names = naming.labelmap_names(files.labelmap)
+            present = np.union1d([0], np.unique(labels)).astype(labels.dtype)
+            self.unnamed_values = [int(v) for v in present if v > 0 and int(v) not in names]
+            # one compact index per value present (a label value of 2**31 - 1 must not size any table)
+            self.labels = np.searchsorted(present, labels).astype(np.min_scalar_type(len(present)))
             self._values: dict[str, list[int]] = {}
-            for value, name in naming.labelmap_names(files.labelmap).items():
-                self._values.setdefault(name, []).append(value)
+            for value, name in names.items():
+                where = int(np.searchsorted(present, value))
+                if where < len(present) and present[where] == value and value > 0:
+                    self._values.setdefault(name, []).append(where)
             self._objects = ndimage.find_objects(self.labels)
         else:
             first = next(iter(files.masks.values()))
@@ -208,17 +216,15 @@ def check_same_grid(
     other_shape: tuple,
     other_affine: np.ndarray,
 ) -> None:
-    """Raise :class:`InputImageError` unless both volumes share shape and voxel positions (±0.01 voxel)."""
+    """Raise :class:`InputImageError` unless both volumes share shape and voxel positions
+    (:func:`voila.data.geometry.same_grid`)."""
     if tuple(shape) != tuple(other_shape):
         raise InputImageError(
             f"{path} has shape {tuple(shape)} but {other_path} has {tuple(other_shape)}: they are not on "
             "the same grid; resample the prediction onto the reference grid (nearest neighbour) first"
         )
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
-    corners = np.vstack([corners, np.ones(corners.shape[1])])
-    offset = np.abs(np.asarray(affine, float) @ corners - np.asarray(other_affine, float) @ corners).max()
-    spacing = np.linalg.norm(np.asarray(other_affine, float)[:3, :3], axis=0).min()
-    if not offset <= 0.01 * spacing:
+    if not same_grid(shape, affine, other_shape, other_affine):
+        offset = grid_offset_mm(shape, affine, other_affine)
         raise InputImageError(
             f"{path} and {other_path} have the same shape but different geometry (voxel positions differ "
             f"by up to {offset:.3g} mm): resample the prediction onto the reference grid "

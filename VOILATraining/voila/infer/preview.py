@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
+from voila.data.geometry import voxel_spacing
+
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 
 
@@ -24,7 +26,7 @@ def to_ras_axes(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     """Permute/flip ``array`` so its axes run towards R, A, S; returns (array, voxel sizes)."""
     orientation = nib.orientations.io_orientation(affine)
     reoriented = nib.orientations.apply_orientation(array, orientation)
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)[orientation[:, 0].astype(int)]
+    spacing = voxel_spacing(affine)[orientation[:, 0].astype(int)]
     return reoriented, spacing
 
 
@@ -35,9 +37,12 @@ def _planes(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
 
 
 def write_preview(
-    path: str | os.PathLike, ct: np.ndarray, affine: np.ndarray, result, title: str = ""
+    path: str | os.PathLike, ct: np.ndarray, affine: np.ndarray, result, title: str = "", atomic: bool = True
 ) -> None:
-    """Write the preview PNG atomically. ``result`` is a :class:`SegmentationResult`."""
+    """Write the preview PNG (atomically unless ``atomic`` is False: ``path`` is then already a
+    temporary file of an :class:`voila.outputs.OutputSet`). ``result``: a :class:`SegmentationResult`."""
+    import contextlib
+
     from voila.data.io import atomic_path
 
     ct_ras, spacing = to_ras_axes(np.asarray(ct, dtype=np.float32), affine)
@@ -126,6 +131,6 @@ def write_preview(
     if missing:
         heading += "   (not found: " + ", ".join(missing) + ")"
     figure.suptitle(heading, color="white", fontsize=14)
-    with atomic_path(path) as temporary:
+    with atomic_path(path) if atomic else contextlib.nullcontext(path) as temporary:
         figure.savefig(temporary, dpi=90, facecolor="black", format="png")
     plt.close(figure)

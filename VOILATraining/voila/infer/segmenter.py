@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import colorsys
 import os
 import threading
 import time
@@ -22,20 +21,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import psutil
 import torch
 
+from voila import device
+from voila.data.geometry import voxel_spacing, voxel_volume_ml
 from voila.data.io import check_ct
 from voila.data.preprocess import PreprocessingConfig, preprocess_volume, resample_to_grid
-from voila.errors import InputImageError, InsufficientMemoryError, PromptError
-from voila.infer.sliding_window import default_amp_dtype, predict_grid, resolve_device
-from voila.model.factory import class_prompt_text
+from voila.device import autocast_dtype, resolve_device
+from voila.errors import InputImageError, InsufficientMemoryError
+from voila.infer.sliding_window import broken_model_error, predict_grid
 from voila.model.model_file import LoadedModel, load_model
 from voila.model.text_encoder import TextEncoder
-from voila.vocabulary import DEFAULT_TEMPLATE, Structure, Vocabulary, normalize_prompt
+from voila.prompts import ResolvedPrompt, resolve_prompts
+from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary, class_sentence
 
-MAX_PROMPT_CHARACTERS = 200
-MAX_PROMPTS = 1000
 # A prompt is "found" only if its region is at least this large and this confident.
 MIN_VOLUME_ML = 0.1
 CONFIDENCE_FLOOR = 0.5
@@ -47,11 +46,13 @@ BYTES_PER_MODEL_VOXEL = 4 * 34 + 8 * 3 + 4 * 3  # token buffer, labels/runner-up
 
 @dataclass
 class PromptResult:
-    """What one prompt gave. ``structure`` is the vocabulary name (None for free text)."""
+    """What one prompt gave. ``structure`` is the vocabulary name (None for free text); ``key``
+    what the prompt is matched by (:func:`voila.vocabulary.class_key`)."""
 
     label: int
     prompt: str
     structure: str | None
+    key: str
     display_name: str
     open_vocabulary: bool
     trained: bool
@@ -94,32 +95,15 @@ class SegmentationResult:
             "heatmap": "CAS complexity in [0, 1]: 1 = the model found the region hard / uncertain",
         }
 
-
-@dataclass
-class ResolvedPrompt:
-    prompt: str
-    structure: Structure | None
-    row: int  # row of the class-embedding matrix this prompt owns
-    trained: bool
-
-
-def free_text_color(text: str) -> tuple[int, int, int]:
-    """A stable, saturated colour for free text (hash → hue)."""
-    hue = (sum(ord(c) * 31**i for i, c in enumerate(text[:32])) % 360) / 360.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def available_memory_bytes() -> int | None:
-    """Memory the OS can give this process now (psutil: Linux, Windows, macOS); None if unknown."""
-    try:
-        return int(psutil.virtual_memory().available)
-    except (OSError, RuntimeError):
-        return None
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**29 else f"{n_bytes / 2**20:.1f} MB"
+    def table(self) -> str:
+        """One line per prompt: label, prompt, structure, ml, confidence, found (or why not)."""
+        lines = [f"{'label':>5}  {'prompt':<24} {'structure':<22} {'ml':>9} {'confidence':>10}  found"]
+        for p in self.prompts:
+            lines.append(
+                f"{p.label:>5}  {p.prompt[:24]:<24} {(p.structure or 'open vocabulary')[:22]:<22} "
+                f"{p.volume_ml:>9.1f} {p.confidence:>10.2f}  {'yes' if p.found else 'NOT FOUND: ' + p.note}"
+            )
+        return "\n".join(lines)
 
 
 class Segmenter:
@@ -154,56 +138,38 @@ class Segmenter:
         return cls(loaded, torch_device, Path(model_path))
 
     # -- prompts -----------------------------------------------------------------------------
-    def resolve_prompts(self, prompts: Sequence[str]) -> tuple[list[ResolvedPrompt], list[str]]:
-        """Match prompts to the vocabulary, drop duplicates; returns (prompts, notes)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        cleaned = [" ".join(str(p).split()) for p in prompts]
-        cleaned = [p for p in cleaned if p]
-        if not cleaned:
-            raise PromptError("no prompts given; type at least one structure name, e.g. 'liver'")
-        too_long = [p for p in cleaned if len(p) > MAX_PROMPT_CHARACTERS]
-        if too_long:
-            raise PromptError(
-                f"a prompt is {len(too_long[0])} characters long (at most {MAX_PROMPT_CHARACTERS}); "
-                "give structure names, one per prompt"
-            )
-        if len(cleaned) > MAX_PROMPTS:
-            raise PromptError(f"{len(cleaned)} prompts given; at most {MAX_PROMPTS} per run")
-        notes: list[str] = []
-        resolved: list[ResolvedPrompt] = []
-        seen: dict[str, str] = {}
-        extra_rows = 0
-        for prompt in cleaned:
-            structure = self.vocabulary.match(prompt)
-            key = structure.name if structure else normalize_prompt(prompt)
-            if key in seen:
-                notes.append(f"duplicate prompt {prompt!r} (same as {seen[key]!r}) was ignored")
-                continue
-            seen[key] = prompt
-            name = structure.name if structure else prompt
-            if name in self.classes:
-                resolved.append(ResolvedPrompt(prompt, structure, self.classes.index(name), True))
+    def resolve_prompts(self, prompts) -> tuple[list[ResolvedPrompt], list[str]]:
+        """:func:`voila.prompts.resolve_prompts` against this model's vocabulary and classes."""
+        return resolve_prompts(prompts, self.vocabulary, self.classes)
+
+    def prompt_rows(self, resolved: Sequence[ResolvedPrompt]) -> list[int]:
+        """The row of the class-embedding matrix each prompt owns: its trained class's, or one of
+        the rows appended after the classes for prompts the model was not trained on."""
+        rows, extra = [], 0
+        for p in resolved:
+            if p.trained:
+                rows.append(self.classes.index(p.class_name))
             else:
-                resolved.append(ResolvedPrompt(prompt, structure, len(self.classes) + extra_rows, False))
-                extra_rows += 1
-        return resolved, notes
+                rows.append(len(self.classes) + extra)
+                extra += 1
+        return rows
 
     def class_embeddings(self, resolved: Sequence[ResolvedPrompt]) -> torch.Tensor:
         """Every trained class plus the prompts the model was not trained on: ``(N, M)``."""
-        names = self.classes[1:] + [
-            (p.structure.name if p.structure else p.prompt) for p in resolved if not p.trained
-        ]
+        names = self.classes[1:] + [p.text_class for p in resolved if not p.trained]
         features = self.text_cache.features(
-            [class_prompt_text(n, self.vocabulary, self.template) for n in names]
+            [class_sentence(n, self.vocabulary, self.template) for n in names]
         )
         with torch.no_grad():
-            return self.model.class_embeddings(features.to(self.device)).float()
+            embeddings = self.model.class_embeddings(features.to(self.device)).float()
+        if not bool(torch.isfinite(embeddings).all()):
+            raise broken_model_error("class embeddings")
+        return embeddings
 
     # -- segmentation ------------------------------------------------------------------------
     def estimate_memory(self, shape: Sequence[int], affine: np.ndarray) -> int:
         """Bytes the run needs, estimated from the model-grid size (before cropping)."""
-        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        spacing = voxel_spacing(affine)
         model_voxels = float(np.prod(np.asarray(shape) * spacing / np.asarray(self.preprocessing.spacing)))
         input_voxels = float(np.prod(shape))
         return int(model_voxels * BYTES_PER_MODEL_VOXEL + input_voxels * (4 + 4 + 2))
@@ -227,20 +193,17 @@ class Segmenter:
         started = time.perf_counter()
         image = np.asarray(image)
         affine = np.asarray(affine, dtype=np.float64)
-        if image.ndim != 3:
-            raise InputImageError(f"VOILA needs a single 3-D CT volume; got an array of shape {image.shape}")
         if not 0 <= overlap < 1:
             raise InputImageError(f"overlap must be in [0, 1), got {overlap}")
-        if not (np.issubdtype(image.dtype, np.number) and not np.issubdtype(image.dtype, np.complexfloating)):
-            raise InputImageError(f"the image has voxel type {image.dtype}; a CT needs numeric voxels")
         notes = check_ct(image, affine)
         resolved, duplicate_notes = self.resolve_prompts(prompts)
         notes += duplicate_notes
-        needed, available = self.estimate_memory(image.shape, affine), available_memory_bytes()
+        needed, available = self.estimate_memory(image.shape, affine), device.available_memory_bytes()
         if available is not None and needed > available:
             raise InsufficientMemoryError(
-                f"this volume needs about {_size(needed)} of memory but {_size(available)} "
-                "are available; crop the volume to the region of interest or use a larger machine"
+                f"this volume needs about {device.format_bytes(needed)} of memory but "
+                f"{device.format_bytes(available)} are available; crop the volume to the region of "
+                "interest or use a larger machine"
             )
         embeddings = self.class_embeddings(resolved)
 
@@ -256,14 +219,14 @@ class Segmenter:
                 self.patch_size,
                 overlap=overlap,
                 device=self.device,
-                amp_dtype=default_amp_dtype(self.device),
+                amp_dtype=autocast_dtype(self.device),
                 progress=report,
                 cancel=cancel,
                 heatmap=heatmap,
             )
-        results, grid_labels = self._prompt_results(resolved, prediction, grid.affine, affine)
+        results, grid_labels = self._prompt_results(resolved, prediction, grid.affine)
         labelmap = resample_to_grid(grid_labels, grid.affine, image.shape, affine, order=0)
-        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        voxel_ml = voxel_volume_ml(affine)
         counts = np.bincount(labelmap.ravel(), minlength=len(results) + 1)
         for result in results:
             result.voxels = int(counts[result.label])
@@ -294,15 +257,14 @@ class Segmenter:
         resolved: Sequence[ResolvedPrompt],
         prediction,
         grid_affine: np.ndarray,
-        input_affine: np.ndarray,
     ) -> tuple[list[PromptResult], np.ndarray]:
         """Per-prompt statistics on the model grid and the model-grid label map of found prompts."""
         label_dtype = np.uint8 if len(resolved) < 256 else np.uint16
         row_to_label = torch.zeros(len(self.classes) + len(resolved) + 1, dtype=torch.int64)
-        for label, p in enumerate(resolved, start=1):
-            row_to_label[p.row] = label
+        for label, row in enumerate(self.prompt_rows(resolved), start=1):
+            row_to_label[row] = label
         grid_labels = row_to_label[prediction.labels].flatten()
-        grid_ml = abs(float(np.linalg.det(grid_affine[:3, :3]))) / 1000.0
+        grid_ml = voxel_volume_ml(grid_affine)
         trained_rows = torch.zeros(len(row_to_label), dtype=torch.bool)
         trained_rows[1 : len(self.classes)] = True
         # voxels and summed confidence of every label in one pass each (not one pass per prompt)
@@ -341,12 +303,13 @@ class Segmenter:
                     label=label,
                     prompt=p.prompt,
                     structure=structure.name if structure else None,
-                    display_name=structure.display_name if structure else p.prompt,
+                    key=p.key,
+                    display_name=p.display_name,
                     open_vocabulary=structure is None,
                     trained=p.trained,
                     snomed=dict(structure.terminology) if structure else None,
                     snomed_code=structure.snomed_code if structure else None,
-                    color=tuple(structure.color) if structure else free_text_color(p.prompt),
+                    color=p.color,
                     confidence=round(confidence, 4),
                     voxels=0,
                     volume_ml=0.0,

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from monai.inferers import sliding_window_inference
 
-from voila.errors import Cancelled
+from voila.errors import Cancelled, ModelFileError
 
 # Buffers above this size are kept in float16 (halves the memory of a large CT; the blended
 # tokens are in [-1, 1], well within float16's precision for an argmax).
@@ -44,6 +44,15 @@ class GridPrediction:
     probability: torch.Tensor
     runner_up: torch.Tensor
     heatmap: torch.Tensor | None
+
+
+def broken_model_error(what: str) -> ModelFileError:
+    """NaN/Inf out of the network: a broken model, never a clinical "not found"."""
+    return ModelFileError(
+        f"the model gave NaN or infinite {what} for this image: the model file is broken (or the "
+        "computation overflowed on this device); check it with `voila info MODEL`, use the original "
+        "file, or run on the CPU (--device cpu)"
+    )
 
 
 def count_windows(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
@@ -110,25 +119,6 @@ def top_two(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return winner, probability, runner_up
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from voila.errors import VoilaError
-
-        raise VoilaError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return device
-
-
-def default_amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; no autocast on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @torch.no_grad()
 def predict_grid(
     model: torch.nn.Module,
@@ -191,12 +181,19 @@ def predict_grid(
         if cancel is not None and cancel.is_set():
             raise Cancelled("segmentation cancelled")
         chunk = tokens[:, start : start + CHUNK_VOXELS].t().to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(chunk).all()):
+            raise broken_model_error("voxel tokens")
         winner, winner_probability, second = top_two(model.logits(chunk, embeddings).float())
         end = start + chunk.shape[0]
         labels[start:end] = winner.cpu()
         probability[start:end] = winner_probability.cpu()
         runner_up[start:end] = second.cpu()
-    complexity = blended[token_dim].float().clamp_(0, 1) if heatmap else None
+    complexity = None
+    if heatmap:
+        complexity = blended[token_dim].float()
+        if not bool(torch.isfinite(complexity).all()):
+            raise broken_model_error("complexity heatmap")
+        complexity.clamp_(0, 1)
     return GridPrediction(
         labels.view(spatial), probability.view(spatial), runner_up.view(spatial), complexity
     )

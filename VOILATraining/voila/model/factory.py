@@ -1,6 +1,7 @@
-"""Build a new VOILA model for a class list: network, prompt sentences, text cache, model card.
+"""The one place a VOILA model is made: network, class sentences, text cache and model card.
 
-Training starts here, and tests use it to make small real model files. Example::
+Training, fine-tuning, tests and benchmarks all build through :func:`create_model`; it can start
+from a fresh initialisation or from the weights of an existing model file (``base``). Example::
 
     built = create_model(load_preset("tiny"), ["liver", "spleen"], Vocabulary.load(),
                          PreprocessingConfig(), text_pretrained=None)
@@ -15,19 +16,12 @@ from typing import Any
 
 import torch
 
+from voila.errors import ConfigError
 from voila.model.config import ModelConfig
-from voila.model.model_file import build_card
+from voila.model.model_file import LoadedModel, build_card
 from voila.model.text_encoder import TextEmbeddingCache, TextEncoder
 from voila.model.voila import VoilaModel
-from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary
-
-
-def class_prompt_text(name: str, vocabulary: Vocabulary, template: str = DEFAULT_TEMPLATE) -> str:
-    """The sentence standing for a class: the vocabulary's prompt (with measured neighbours) for
-    a known structure, the template filled with the text itself for free text."""
-    if name in vocabulary:
-        return vocabulary[name].prompt_text(template)
-    return template.format(name=name)
+from voila.vocabulary import BACKGROUND, DEFAULT_TEMPLATE, Vocabulary, class_sentence
 
 
 @dataclass
@@ -36,13 +30,24 @@ class BuiltModel:
     text_cache: TextEmbeddingCache
     card: dict[str, Any]
 
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    def class_sentences(self) -> list[str]:
+        """The sentence of every foreground class, in card order."""
+        vocabulary = Vocabulary.from_dict(self.card["vocabulary"])
+        return class_sentences(self.classes[1:], vocabulary, self.card["prompt_template"])
+
     def class_features(self) -> torch.Tensor:
         """CLIP features of the foreground classes ``(N - 1, F)`` in card order."""
-        vocabulary = Vocabulary.from_dict(self.card["vocabulary"])
-        texts = [
-            class_prompt_text(n, vocabulary, self.card["prompt_template"]) for n in self.card["classes"][1:]
-        ]
-        return self.text_cache.features(texts)
+        return self.text_cache.features(self.class_sentences())
+
+
+def class_sentences(
+    names: Sequence[str], vocabulary: Vocabulary, template: str = DEFAULT_TEMPLATE
+) -> list[str]:
+    return [class_sentence(name, vocabulary, template) for name in names]
 
 
 def create_model(
@@ -53,23 +58,34 @@ def create_model(
     text_pretrained: str | None = "default",
     template: str = DEFAULT_TEMPLATE,
     encoder: TextEncoder | None = None,
+    text_cache: TextEmbeddingCache | None = None,
+    base: LoadedModel | None = None,
     **card_fields: Any,
 ) -> BuiltModel:
-    """A freshly initialised model for ``class_names`` (foreground; background is added first).
+    """A model for ``class_names`` (foreground; background is added first).
 
-    ``text_pretrained="default"`` uses the preset's tag; ``None`` gives open_clip's architecture
-    with deterministic random weights (offline). The text encoder runs once here to fill the cache.
+    ``text_pretrained="default"`` keeps the preset's open_clip tag; ``None`` gives open_clip's
+    architecture with deterministic random weights (offline). Class sentences missing from
+    ``text_cache`` are encoded once by ``encoder`` (built from the config when not given).
+    ``base``: an existing model whose weights the new one starts from (same architecture; a
+    linear head keeps the rows of the classes both share). The network's random initialisation
+    draws from torch's global generator: seed it first for a reproducible model.
     """
     if text_pretrained != "default":
         config.text_encoder.pretrained = text_pretrained
-    if encoder is None:
-        encoder = TextEncoder(config.text_encoder.model_name, config.text_encoder.pretrained)
-    classes = ["background", *class_names]
-    texts = [class_prompt_text(n, vocabulary, template) for n in class_names]
-    features = encoder.encode(texts) if texts else torch.zeros(0, 0)
-    cache = TextEmbeddingCache(texts, features)
-    text_dim = int(features.shape[1]) if texts else 512
+    classes = [BACKGROUND, *class_names]
+    sentences = class_sentences(class_names, vocabulary, template)
+    cache = text_cache if text_cache is not None else TextEmbeddingCache()
+    missing = [s for s in sentences if s not in cache]
+    if missing:
+        encoder = encoder or TextEncoder(config.text_encoder.model_name, config.text_encoder.pretrained)
+        cache.set_encoder_factory(lambda: encoder)
+    features = cache.features(sentences) if sentences else torch.zeros(0, 0)
+    cache = TextEmbeddingCache(sentences, features)
+    text_dim = int(features.shape[1]) if sentences else 512
     model = VoilaModel(config, text_dim=text_dim, num_classes=len(classes))
+    if base is not None:
+        _start_from(model, base, classes)
     card = build_card(
         config,
         classes,
@@ -80,3 +96,25 @@ def create_model(
         **card_fields,
     )
     return BuiltModel(model, cache, card)
+
+
+def _start_from(model: VoilaModel, base: LoadedModel, classes: list[str]) -> None:
+    """Copy ``base``'s weights into ``model``; per-class rows (linear head) are matched by name."""
+    if base.model.config.to_dict() | {"sampling": None} != model.config.to_dict() | {"sampling": None}:
+        raise ConfigError(
+            "the base model's architecture differs from the one asked for; start from the base "
+            "model's own preset (its card) or train from scratch"
+        )
+    state = {key: value.clone() for key, value in base.model.state_dict().items()}
+    target = model.state_dict()
+    base_classes = list(base.card["classes"])
+    for key, value in target.items():
+        if key not in state:
+            raise ConfigError(f"the base model has no weight {key!r}; it cannot be the starting point")
+        if state[key].shape != value.shape:  # per-class rows of a linear head
+            rows = value.clone()
+            for row, name in enumerate(classes):
+                if name in base_classes:
+                    rows[row] = state[key][base_classes.index(name)]
+            state[key] = rows
+    model.load_state_dict(state)

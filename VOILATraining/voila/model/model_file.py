@@ -34,6 +34,7 @@ from voila.model.voila import VoilaModel
 FORMAT_VERSION = 1
 CARD_KEY = "voila_card"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
+MAX_TEXT_FEATURES = 8192  # CLIP-like text towers give 512-1024; anything larger is not a real card
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _not_a_model(path: Path, reason: str) -> ModelFileError:
 
 
 def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card, validated, without loading the weights."""
+    """The model card, checked entry by entry (:func:`check_card`), without loading any weight."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist; give the path of a .safetensors VOILA model")
@@ -129,8 +130,10 @@ def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
         card = json.loads(metadata[CARD_KEY])
     except json.JSONDecodeError:
         raise _not_a_model(path, "its model card is not valid JSON") from None
+    if not isinstance(card, dict):
+        raise _not_a_model(path, f"its model card is a JSON {type(card).__name__}, not an object")
     version = card.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise _not_a_model(path, "its model card has no format_version")
     if version > FORMAT_VERSION:
         raise ModelFileError(
@@ -140,42 +143,128 @@ def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("model", "classes", "preprocessing", "text_encoder"):
         if key not in card:
             raise _not_a_model(path, f"its model card lacks {key!r}")
+    check_card(card, path)
     return card
 
 
+def check_card(card: dict[str, Any], path: Path) -> None:
+    """Every entry a model is rebuilt from must be what its reader expects; anything else is one
+    :class:`ModelFileError` naming the entry (never an internal error deep in the loader)."""
+    from voila.data.preprocess import PreprocessingConfig
+    from voila.vocabulary import BACKGROUND, Vocabulary
+
+    def damaged(key: str, detail: str) -> ModelFileError:
+        return ModelFileError(
+            f"{path}: the model card entry {key!r} is damaged ({detail}); the file was edited or broken: "
+            "use the original file, or re-export it with `voila train`"
+        )
+
+    classes = card["classes"]
+    if not (
+        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+    ):
+        raise damaged("classes", "expected a list of class names, background first")
+    if classes[0] != BACKGROUND or len(set(classes)) != len(classes):
+        raise damaged("classes", "the first class must be 'background' and each class must appear once")
+    encoder = card["text_encoder"]
+    if not (isinstance(encoder, dict) and isinstance(encoder.get("model_name"), str)):
+        raise damaged("text_encoder", "expected model_name, pretrained and feature_dim")
+    dim = encoder.get("feature_dim")
+    if not (isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= MAX_TEXT_FEATURES):
+        raise damaged(
+            "text_encoder", f"feature_dim must be a whole number in 1..{MAX_TEXT_FEATURES}, not {dim!r}"
+        )
+    if not isinstance(card.get("prompt_template", "{name}"), str) or "{name}" not in card.get(
+        "prompt_template", "{name}"
+    ):
+        raise damaged("prompt_template", "expected text containing {name}")
+    texts = (
+        (card.get("text_cache") or {}).get("texts", [])
+        if isinstance(card.get("text_cache", {}), dict)
+        else None
+    )
+    if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+        raise damaged("text_cache", "expected a list of sentences")
+    for key, reader in (
+        ("model", lambda value: ModelConfig.from_dict(_mapping(value))),
+        ("preprocessing", lambda value: PreprocessingConfig.from_dict(_mapping(value))),
+        ("vocabulary", lambda value: Vocabulary.from_dict(_mapping(value)) if value is not None else None),
+    ):
+        try:
+            reader(card.get(key))
+        except Exception as error:  # any way a hand-edited entry can fail to read
+            detail = " ".join(str(error).split())[:160] or type(error).__name__
+            raise damaged(key, detail) from None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def expected_shapes(card: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes the card's network has, computed on PyTorch's meta device: nothing is
+    allocated, so a card edited to describe a huge network costs nothing to refuse."""
+    config = ModelConfig.from_dict(card["model"])
+    with torch.device("meta"):
+        model = VoilaModel(config, int(card["text_encoder"]["feature_dim"]), num_classes=len(card["classes"]))
+    shapes = {f"model.{key}": tuple(value.shape) for key, value in model.state_dict().items()}
+    texts = (card.get("text_cache") or {}).get("texts", [])
+    if texts:
+        shapes["text_cache.features"] = (len(texts), int(card["text_encoder"]["feature_dim"]))
+    return shapes
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network from the card and load weights and text cache; refuses mismatches."""
+    """Rebuild the network from the card and load weights and text cache; refuses mismatches.
+
+    The order keeps a hostile or broken file cheap: the card is checked, the tensors the file
+    declares (its header) are compared with the ones the card's network has, and only then are
+    the weights read and the network built; NaN or infinite weights are refused.
+    """
     path = Path(path)
     card = read_model_card(path)
-    config = ModelConfig.from_dict(card["model"])
-    model = VoilaModel(config, int(card["text_encoder"]["feature_dim"]), num_classes=len(card["classes"]))
-    state, features = {}, None
+    expected = expected_shapes(card)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                if key.startswith("model."):
-                    state[key[len("model.") :]] = handle.get_tensor(key)
-                elif key == "text_cache.features":
-                    features = handle.get_tensor(key)
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            _compare(path, card, expected, stored)
+            tensors = {key: handle.get_tensor(key) for key in expected}
     except (SafetensorError, OSError, ValueError) as error:
         raise _not_a_model(path, f"damaged tensor data: {str(error).splitlines()[0]}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    broken = [
+        key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if broken:
+        raise ModelFileError(
+            f"{path} is broken: {len(broken)} of its tensors hold NaN or infinite values (e.g. {broken[0]}); "
+            "use the original file, or re-export it with `voila train`"
+        )
+    config = ModelConfig.from_dict(card["model"])
+    model = VoilaModel(config, int(card["text_encoder"]["feature_dim"]), num_classes=len(card["classes"]))
+    model.load_state_dict(
+        {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
+    )
+    texts = card.get("text_cache", {}).get("texts", [])
+    features = tensors.get("text_cache.features", torch.zeros(0, 0))
+    cache = TextEmbeddingCache(texts, features)
+    model.eval()
+    return LoadedModel(model.to(device), card, cache)
+
+
+def _compare(
+    path: Path, card: dict[str, Any], expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]
+) -> None:
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong_shape = [k for k in expected if k in stored and stored[k] != expected[k]]
     if missing or unexpected or wrong_shape:
         detail = (missing or unexpected or wrong_shape)[0]
+        if detail == "text_cache.features":
+            raise _not_a_model(path, "its text cache does not match its card")
         raise ModelFileError(
             f"{path}: weights do not match the preset {card.get('preset')!r} in its own card "
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} wrong shape, e.g. {detail}); "
             "the file is damaged or was edited: re-export it with `voila train`"
         )
-    model.load_state_dict(state)
-    texts = card.get("text_cache", {}).get("texts", [])
-    if features is None:
-        features = torch.zeros(0, 0)
-    if len(texts) != features.shape[0]:
-        raise _not_a_model(path, "its text cache does not match its card")
-    cache = TextEmbeddingCache(texts, features)
-    model.eval()
-    return LoadedModel(model.to(device), card, cache)

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from voila.train.config import load_train_config
-from voila.train.trainer import Trainer, TrainingProgress
+from voila.training.config import load_train_config
+from voila.training.loop import Trainer, TrainingProgress
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -30,12 +30,12 @@ def train(
 ) -> Path:
     """Train a VOILA model and return the path of the exported ``.safetensors`` model file.
 
-    ``config`` is a dict of training settings or the path of a YAML file with them (see
-    :class:`voila.train.config.TrainConfig`); ``overrides`` replace single settings. ``progress``
-    is called with a :class:`TrainingProgress` (``epoch``, ``step``, ``total``, ``loss``, ``eta``
-    in seconds, ``phase``) after every optimiser step; when ``stop`` is set the run writes its
-    checkpoint, exports the best model so far and returns. Raises :class:`voila.VoilaError`
-    subclasses for problems the user can fix.
+    ``config`` is a dict of training settings (flat or by section) or the path of a YAML file with
+    them (see :data:`voila.training.config.SETTINGS`); ``overrides`` replace single settings.
+    ``progress`` is called with a :class:`TrainingProgress` (``epoch``, ``step``, ``total``,
+    ``loss``, ``eta`` in seconds, ``phase``) after every optimiser step; when ``stop`` is set the
+    run writes its checkpoint, exports the best model so far and returns. Raises
+    :class:`voila.VoilaError` subclasses for problems the user can fix.
     """
     settings = load_train_config(config, overrides)
     if not settings.command:

@@ -15,7 +15,7 @@ Example::
 
     data = TrainingData.prepare(["/data/TotalSegmentator"], PreprocessingConfig(), vocabulary)
     data.class_names          # ["background", "adrenal_gland_left", ...]
-    patches = PatchDataset(data, data.train_indices, patch_transforms(...), seed=0)
+    patches = PatchDataset(data, *patch_transforms(...))
 """
 
 from __future__ import annotations
@@ -34,28 +34,13 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, RandCropByPosNegLabeld, Randomizable
 
 from voila.data.io import read_image
-from voila.data.layouts import BACKGROUND, Case, Dataset, discover, load_case_label
+from voila.data.layouts import Case, Dataset, discover, load_case_label
 from voila.data.preprocess import PreprocessingConfig, deterministic_transforms
 from voila.data.transforms import training_transforms
 from voila.errors import ConfigError, DatasetError
-from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary
+from voila.vocabulary import BACKGROUND, DEFAULT_TEMPLATE, Vocabulary, class_key, class_name, class_sentence
 
 LOG = logging.getLogger("voila.train")
-
-
-def class_name_for(label_name: str, vocabulary: Vocabulary) -> str:
-    """The model's class for a dataset's label name: the vocabulary name, or cleaned free text."""
-    structure = vocabulary.match(label_name)
-    if structure is not None:
-        return structure.name
-    return " ".join(label_name.replace("_", " ").split())
-
-
-def class_prompt(name: str, vocabulary: Vocabulary, template: str = DEFAULT_TEMPLATE) -> str:
-    """The sentence whose CLIP features stand for a class (as :class:`voila.Segmenter` builds it)."""
-    if name in vocabulary:
-        return vocabulary[name].prompt_text(template)
-    return template.format(name=name)
 
 
 @dataclass
@@ -111,7 +96,7 @@ class TrainingData:
         """Discover, map labels, read and preprocess every case; unreadable cases are skipped."""
         datasets = [discover(path) for path in paths]
         class_names = _union_class_names(datasets, vocabulary)
-        index_of = {name: i for i, name in enumerate(class_names)}
+        index_of = {class_key(name, vocabulary): i for i, name in enumerate(class_names)}
         splits = [_assign_splits(dataset, val_fraction, seed) for dataset in datasets]
         transforms = deterministic_transforms(preprocessing, label_keys=("label",))
         label_dtype = torch.uint8 if len(class_names) <= 256 else torch.int16
@@ -120,7 +105,7 @@ class TrainingData:
         skipped: list[tuple[str, str]] = []
         summaries = []
         for dataset, split_of in zip(datasets, splits):
-            lookup = np.array([index_of[class_name_for(name, vocabulary)] for name in dataset.class_names])
+            lookup = np.array([index_of[class_key(name, vocabulary)] for name in dataset.class_names])
             lookup[0] = 0
             kept = 0
             for case in dataset.cases:
@@ -177,7 +162,7 @@ class TrainingData:
             val = list(train)
         data = cls(
             class_names=class_names,
-            class_texts=[class_prompt(name, vocabulary, template) for name in class_names[1:]],
+            class_texts=[class_sentence(name, vocabulary, template) for name in class_names[1:]],
             cases=cases,
             train_indices=train,
             val_indices=val,
@@ -306,11 +291,15 @@ def epoch_keys(
 
 
 def _union_class_names(datasets: Sequence[Dataset], vocabulary: Vocabulary) -> list[str]:
-    names: set[str] = set()
+    """Background, the vocabulary structures the datasets label (vocabulary order), then free-text
+    classes; labels that differ only in spelling (``Tumor_Core``, ``tumor core``) are one class."""
+    by_key: dict[str, str] = {}
     for dataset in datasets:
         for label_name in dataset.class_names[1:]:
-            names.add(class_name_for(label_name, vocabulary))
-    names.discard(BACKGROUND)
+            name = class_name(label_name, vocabulary)
+            by_key.setdefault(class_key(name, vocabulary), name)
+    by_key.pop(BACKGROUND, None)
+    names = set(by_key.values())
     known = [n for n in vocabulary.names if n in names]
     free = sorted(n for n in names if n not in vocabulary)
     if not known and not free:
@@ -353,7 +342,7 @@ def _prepare_case(
     annotated = torch.zeros(len(class_names), dtype=torch.bool)
     annotated[0] = True
     for name in annotated_names:
-        annotated[index_of[class_name_for(name, vocabulary)]] = True
+        annotated[index_of[class_key(name, vocabulary)]] = True
     affine_t = torch.from_numpy(np.asarray(affine, dtype=np.float64))
     output = transforms(
         {

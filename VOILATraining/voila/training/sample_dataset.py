@@ -1,4 +1,4 @@
-"""``python -m voila.train.sample_dataset OUT``: the bundled sample CT as a TotalSegmentator-layout dataset.
+"""``python -m voila.training.sample_dataset OUT``: the bundled sample CT as a TotalSegmentator-layout dataset.
 
 Writes ``OUT/example/ct.nii.gz`` (the full ``example_ct.nii.gz``, 3 mm) and one mask per
 TotalSegmentator class in ``OUT/example/segmentations/<name>.nii.gz``, exported from the
@@ -54,7 +54,7 @@ def write_sample_dataset(out: str | Path, structures: list[str] | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m voila.train.sample_dataset",
+        prog="python -m voila.training.sample_dataset",
         description="Export the bundled sample CT and its label map as a TotalSegmentator-layout dataset.",
     )
     parser.add_argument("out", help="folder to write (OUT/example/ct.nii.gz + segmentations/)")

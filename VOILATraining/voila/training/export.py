@@ -1,0 +1,115 @@
+"""The end of a run: the model file and the training record in its card.
+
+The record says what the model is without opening the run folder: the command that made it
+(and the commands that resumed it), the resolved settings by section, the data (datasets, case
+counts, skipped cases), how far it trained, and how it validated.
+
+    record = training_record(config, data, model_config, totals, exported_weights="best (epoch 40, ...)")
+    export_model(config.export_path, built, record, config, data, model_config)
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voila.model.config import ModelConfig
+from voila.model.factory import BuiltModel
+from voila.model.model_file import save_model
+
+RANDOM_TEXT_WEIGHTS = (
+    "none: open_clip architecture with deterministic random weights (pretrained=None, seed 0)"
+)
+
+
+@dataclass
+class RunTotals:
+    """How far a run got (all sessions of it together)."""
+
+    epochs_completed: int
+    optimizer_steps: int
+    steps_per_epoch: int
+    minutes: float
+    processes: int
+    device: str
+    amp: str
+    commands: list[str] = field(default_factory=list)
+    best_dice: float = -1.0
+    best_epoch: int = -1  # 0-based; -1: never validated
+    best_scores: dict[str, float] = field(default_factory=dict)
+
+
+def training_record(
+    config, data, model_config: ModelConfig, totals: RunTotals, exported_weights: str
+) -> dict[str, Any]:
+    """The card's ``training`` entry (see the module docstring)."""
+    import voila
+
+    validated = totals.best_epoch >= 0
+    settings = config.sections()
+    for key in ("command", "description", "intended_use", "notes"):
+        settings["run"].pop(key, None)
+    settings["model"].update(patch_size=list(model_config.patch_size), sampling=asdict(model_config.sampling))
+    summary = (
+        f"{model_config.name} preset, {len(data.train_indices)} training case(s) from "
+        f"{len(data.datasets)} dataset(s), {totals.epochs_completed} epoch(s) x {totals.steps_per_epoch} steps, "
+        f"{model_config.sampling.mode} sampling, {config.spacing[0]:g} mm grid; "
+        + (
+            f"best validation mean Dice {totals.best_dice:.3f} (epoch {totals.best_epoch + 1})"
+            + (" on the training cases" if data.validating_on_training_cases else "")
+            if validated
+            else "not validated"
+        )
+    )
+    return {
+        "command": totals.commands[0] if totals.commands else config.command,
+        "resumed_with": totals.commands[1:],
+        "summary": summary,
+        "notes": config.notes,
+        "settings": settings,
+        "datasets": data.datasets,
+        "train_cases": len(data.train_indices),
+        "val_cases": len(data.val_indices),
+        "validated_on_training_cases": data.validating_on_training_cases,
+        "skipped_cases": [{"case": case, "reason": reason} for case, reason in data.skipped],
+        "epochs_completed": totals.epochs_completed,
+        "optimizer_steps": totals.optimizer_steps,
+        "steps_per_epoch": totals.steps_per_epoch,
+        "processes": totals.processes,
+        "device": totals.device,
+        "amp": totals.amp,
+        "text_encoder_weights": model_config.text_encoder.pretrained or RANDOM_TEXT_WEIGHTS,
+        "exported_weights": exported_weights,
+        "val_mean_dice": round(totals.best_dice, 4) if validated else None,
+        "val_dice": {name: round(value, 4) for name, value in totals.best_scores.items()},
+        "minutes": round(totals.minutes, 2),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "voila_version": voila.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def default_description(data, model_config: ModelConfig) -> str:
+    names = ", ".join(d["name"] for d in data.datasets)
+    return (
+        f"VOILA ({model_config.name} preset) trained with `voila train` on {names} "
+        f"({len(data.train_indices)} training cases, {len(data.class_names) - 1} structures)"
+    )
+
+
+def export_model(
+    path: Path, built: BuiltModel, record: dict[str, Any], config, data, model_config: ModelConfig
+) -> Path:
+    """Write ``built`` (weights already chosen) with its card and training record to ``path``."""
+    card = dict(
+        built.card,
+        training=record,
+        description=config.description or default_description(data, model_config),
+        intended_use=config.intended_use,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_model(path, built.model, card, built.text_cache)
