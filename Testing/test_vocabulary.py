@@ -11,9 +11,24 @@ import pytest
 from scipy import ndimage
 from voila.errors import VoilaError
 from voila.vocabulary import Structure, Vocabulary, normalize_prompt, readable_name
-from voila.vocabulary_build import NEIGHBOR_SOURCES, build_vocabulary, main, vocabulary_json
+from voila.vocabulary_build import (
+    NEIGHBOR_SOURCES,
+    SLICER_TERMINOLOGIES,
+    TERMINOLOGY_CONTEXT,
+    build_vocabulary,
+    color_difference,
+    context_entry,
+    main,
+    terminology_context,
+    terminology_context_json,
+    vocabulary_json,
+)
 
 VOCABULARY_FILE = "Vocabulary/voila_vocabulary.json"
+# CIE76 ΔE that structures shown next to each other keep at least: segments are drawn
+# half-transparent over grey CT and shaded in 3-D, which roughly halves a colour difference, and
+# 15 stays well above the ~2.3 that is just noticeable side by side.
+DISTINGUISHABLE = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +160,7 @@ def test_normalize_prompt_folds_case_unicode_separators_and_trailing_punctuation
     assert normalize_prompt("portal_vein_and_splenic_vein") == "portal vein and splenic vein"
 
 
-def test_every_structure_carries_the_snomed_codes_and_colour_of_the_csv(vocabulary, csv_rows):
+def test_every_structure_carries_the_snomed_codes_of_the_csv(vocabulary, csv_rows):
     assert vocabulary.provenance["terminology"]["fallbacks"] == [
         s.name for s in vocabulary if s.name not in csv_rows
     ]
@@ -162,7 +177,108 @@ def test_every_structure_carries_the_snomed_codes_and_colour_of_the_csv(vocabula
         )
         modifier = row["SegmentedPropertyTypeModifierCodeSequence.CodeValue"]
         assert (structure.terminology["type_modifier"] or {}).get("code", "") == modifier
-        assert structure.color == tuple(int(c) for c in row["DicomRGBColor"].split(","))
+
+
+@pytest.fixture(scope="module")
+def slicer_colors(resources) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+    """Recommended colours in Slicer's lists: ``(category, type, modifier)`` codes -> RGB, DICOM master first."""
+    colors: dict[tuple[str, str, str], tuple[int, int, int]] = {}
+    for relative in SLICER_TERMINOLOGIES:
+        document = json.loads((resources / relative).read_text(encoding="utf-8"))
+        for category in document["SegmentationCodes"]["Category"]:
+            category_key = f"{category['CodingSchemeDesignator']}:{category['CodeValue']}"
+            for type_ in category.get("Type", []):
+                type_key = f"{type_['CodingSchemeDesignator']}:{type_['CodeValue']}"
+                for item, modifier_key in [(type_, "")] + [
+                    (m, f"{m['CodingSchemeDesignator']}:{m['CodeValue']}") for m in type_.get("Modifier", [])
+                ]:
+                    if "recommendedDisplayRGBValue" in item:
+                        rgb = tuple(int(c) for c in item["recommendedDisplayRGBValue"])
+                        colors.setdefault((category_key, type_key, modifier_key), rgb)
+    return colors
+
+
+def test_colour_difference_is_cie76_in_cielab():
+    assert float(color_difference((0, 0, 0), (255, 255, 255))) == pytest.approx(100.0, abs=0.01)
+    # sRGB red is L*a*b* (53.24, 80.09, 67.20): its distance from black is the length of that vector.
+    assert float(color_difference((255, 0, 0), (0, 0, 0))) == pytest.approx(117.34, abs=0.05)
+    assert float(color_difference((221, 130, 101), (221, 130, 101))) == 0.0
+
+
+def test_liver_and_spleen_keep_slicers_brown_and_purple(vocabulary, slicer_colors):
+    for name in ("liver", "spleen"):
+        assert vocabulary[name].color == slicer_colors[context_entry(vocabulary[name].terminology)]
+    assert vocabulary["liver"].color == (221, 130, 101)
+    assert vocabulary["spleen"].color == (157, 108, 162)
+
+
+def test_a_structure_with_a_colour_in_slicers_lists_keeps_it_unless_recorded_as_moved(
+    vocabulary, slicer_colors
+):
+    moved = vocabulary.provenance["colors"]["moved"]
+    kept = 0
+    for structure in vocabulary:
+        entry = context_entry(structure.terminology)
+        slicer_rgb = slicer_colors.get(entry) or slicer_colors.get((entry[0], entry[1], ""))
+        if slicer_rgb is None:
+            continue
+        if structure.name in moved:
+            assert tuple(moved[structure.name]["from"]) == slicer_rgb != structure.color
+        else:
+            assert structure.color == slicer_rgb, structure.name
+            kept += 1
+    assert kept >= 20
+
+
+def test_neighbouring_structures_have_colours_that_can_be_told_apart(vocabulary):
+    for structure in vocabulary:
+        for neighbor in structure.neighbors:
+            difference = float(color_difference(structure.color, vocabulary[neighbor].color))
+            assert difference >= DISTINGUISHABLE, (structure.name, neighbor, difference)
+
+
+def test_the_main_abdominal_organs_and_vessels_have_colours_that_can_be_told_apart(vocabulary):
+    names = [
+        "liver",
+        "spleen",
+        "kidney_left",
+        "kidney_right",
+        "aorta",
+        "inferior_vena_cava",
+        "portal_vein_and_splenic_vein",
+    ]
+    for index, name in enumerate(names):
+        for other in names[index + 1 :]:
+            difference = float(color_difference(vocabulary[name].color, vocabulary[other].color))
+            assert difference >= DISTINGUISHABLE, (name, other, difference)
+
+
+def test_every_structure_colour_is_its_recommended_colour_in_the_terminology_context(vocabulary, resources):
+    context = json.loads((resources / TERMINOLOGY_CONTEXT).read_text(encoding="utf-8"))
+    recommended = {}
+    for category in context["SegmentationCodes"]["Category"]:
+        category_key = f"{category['CodingSchemeDesignator']}:{category['CodeValue']}"
+        for type_ in category["Type"]:
+            type_key = f"{type_['CodingSchemeDesignator']}:{type_['CodeValue']}"
+            for modifier in type_.get("Modifier", []):
+                key = (
+                    category_key,
+                    type_key,
+                    f"{modifier['CodingSchemeDesignator']}:{modifier['CodeValue']}",
+                )
+                recommended[key] = tuple(modifier["recommendedDisplayRGBValue"])
+            if "recommendedDisplayRGBValue" in type_:
+                recommended[(category_key, type_key, "")] = tuple(type_["recommendedDisplayRGBValue"])
+    assert {structure.name: structure.color for structure in vocabulary} == {
+        structure.name: recommended[context_entry(structure.terminology)] for structure in vocabulary
+    }
+
+
+def test_the_committed_terminology_context_is_exactly_what_the_builder_makes_of_the_vocabulary(
+    resources, vocabulary
+):
+    committed = (resources / TERMINOLOGY_CONTEXT).read_text(encoding="utf-8")
+    assert terminology_context_json(terminology_context(vocabulary)) == committed
 
 
 def test_a_kidney_cyst_keeps_its_kidney_region_and_side_from_the_csv(vocabulary):
@@ -256,11 +372,17 @@ def test_the_committed_vocabulary_is_exactly_what_the_builder_produces(resources
 
 
 def test_the_builder_command_is_deterministic(resources, tmp_path):
-    first, second = tmp_path / "first.json", tmp_path / "second.json"
-    assert main(["--resources", str(resources), "--out", str(first)]) == 0
-    assert main(["--resources", str(resources), "--out", str(second)]) == 0
-    assert first.read_bytes() == second.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json", "second.json"]
+    for run in ("first", "second"):
+        arguments = ["--resources", str(resources), "--out", str(tmp_path / f"{run}.json")]
+        assert main([*arguments, "--context-out", str(tmp_path / f"{run}.term.json")]) == 0
+    assert (tmp_path / "first.json").read_bytes() == (tmp_path / "second.json").read_bytes()
+    assert (tmp_path / "first.term.json").read_bytes() == (tmp_path / "second.term.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "first.json",
+        "first.term.json",
+        "second.json",
+        "second.term.json",
+    ]
 
 
 def test_the_examples_in_the_module_documentation_hold(vocabulary):

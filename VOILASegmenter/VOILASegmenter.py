@@ -119,6 +119,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._modelEntries = []
         self._librariesReady = False
+        self._segmentAfterDownload = False
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollJob)
@@ -134,6 +135,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.commonStructuresComboBox.addItem(_("Add a common structure..."))
         self.ui.commonStructuresComboBox.addItems(list(COMMON_STRUCTURES))
+        # The heatmap goes only into a heatmap VOILA created (or a new one): never into a user's volume.
+        self.ui.heatmapVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", "VOILA.ComplexityHeatmap", "1")
         self.ui.progressBar.setVisible(False)
         self.ui.resultsTableWidget.setVisible(False)
         self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
@@ -158,8 +161,11 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setUpLibraries(self) -> bool:
         """Import the logic if its Python packages are present; otherwise say what Segment will do."""
         try:
-            from VOILASegmenterLib.environment import missing_packages
+            from VOILASegmenterLib.environment import ensure_voila_importable, missing_packages
 
+            if not ensure_voila_importable():
+                self.ui.statusLabel.text = _("The voila package is missing: reinstall the VOILA extension.")
+                return False
             missing = missing_packages()
             if missing:
                 self.ui.statusLabel.text = _(
@@ -172,6 +178,9 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if self.logic is None:
             self.logic = VOILASegmenterLogic()
+        from VOILASegmenterLib.logic import loadTerminology
+
+        loadTerminology()  # segment terminology pickers know all 117 structures from the start
         self._populateModels()
         self._populateDevices()
         self._populateCompleter()
@@ -224,6 +233,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if self.job is not None:
             self.job.cancel()
+        if self.logic is not None:
+            self.logic.shutdown()  # the worker process and the models it holds
         self.removeObservers()
 
     def enter(self) -> None:
@@ -245,9 +256,9 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
-
-        self.setParameterNode(VOILASegmenterParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+        if self.logic is None:  # Python packages not set up yet: the parameters wait for them
+            return
+        self.setParameterNode(VOILASegmenterParameterNode(self.logic.getParameterNode()))
         if not self._parameterNode.inputVolume:
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume and not firstVolume.GetAttribute("VOILA.ComplexityHeatmap"):
@@ -396,27 +407,29 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except VoilaError as error:
             self.ui.modelCardLabel.text = str(error)
 
-    def _resolveModelPath(self):
-        """Path of the model to run, downloading a registered model after the user agreed."""
+    def _modelToRun(self):
+        """``(path, None)`` for a model on this computer (``path`` None: the default model), or
+        ``(None, downloadRequest)`` when the chosen registered model must be downloaded first."""
         if self.ui.modelComboBox.currentData == CUSTOM_MODEL:
             path = self.ui.modelPathLineEdit.currentPath
             if not path:
                 raise ValueError(_("choose a model file (.safetensors) or select a registered model"))
-            return path
+            return path, None
         entry = self._selectedEntry()
         if entry is None:
-            return None
+            return None, None
         from VOILASegmenterLib import models
 
-        def consent(entry) -> bool:
-            return slicer.util.confirmOkCancelDisplay(
-                _("Download the VOILA model '{name}' (licence: {licence})?\n{url}").format(
-                    name=entry.name, licence=entry.license, url=entry.url
-                )
-            )
+        path, request = models.prepare_download(entry, self._modelCacheDir())
+        return (str(path) if path else None), request
 
-        with slicer.util.WaitCursor():
-            return str(models.download_model(entry, self._modelCacheDir(), consent))
+    def _askDownload(self) -> bool:
+        entry = self._selectedEntry()
+        return slicer.util.confirmOkCancelDisplay(
+            _("Download the VOILA model '{name}' (licence: {licence})?\n{url}").format(
+                name=entry.name, licence=entry.license, url=entry.url
+            )
+        )
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -425,11 +438,13 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
         from VOILASegmenterLib.environment import DependencyError, install_dependencies
 
+        # No busy cursor here: the consent dialog must look and behave like any dialog.
+        self.ui.statusLabel.text = _("Setting up VOILA's Python packages...")
+        slicer.app.processEvents()
         try:
-            with slicer.util.WaitCursor():
-                installed = install_dependencies(
-                    lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("VOILA setup"))
-                )
+            installed = install_dependencies(
+                lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("VOILA setup"))
+            )
         except DependencyError as error:
             slicer.util.errorDisplay(str(error))
             return False
@@ -448,22 +463,17 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from voila.errors import VoilaError
 
-        node = self._parameterNode
         try:
-            modelPath = self._resolveModelPath()
-            self.job = self.logic.process(
-                node.inputVolume,
-                node.prompts,
-                node.outputSegmentation,
-                heatmapVolume=node.heatmapVolume,
-                modelPath=modelPath,
-                device=node.device,
-                progress=self.onProgress,
-                waitForCompletion=False,
-                overlap=node.overlap,
-                showHeatmap=node.showHeatmap,
-                heatmapOpacity=node.heatmapOpacity,
-            )
+            modelPath, downloadRequest = self._modelToRun()
+            if downloadRequest is not None:
+                if not self._askDownload():
+                    self.ui.statusLabel.text = _("The model was not downloaded; choose another model.")
+                    return
+                # the download runs in the worker process, with progress and Cancel; then Segment
+                self.job = self.logic.downloadModel(downloadRequest, progress=self.onProgress)
+                self._segmentAfterDownload = True
+            else:
+                self._startSegmentation(modelPath)
         except (VoilaError, ValueError) as error:
             slicer.util.errorDisplay(str(error))
             return
@@ -472,6 +482,24 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Starting...")
         self._timer.start()
         self._updateGui()
+
+    def _startSegmentation(self, modelPath) -> None:
+        node = self._parameterNode
+        self._segmentAfterDownload = False
+        self.job = self.logic.process(
+            node.inputVolume,
+            node.prompts,
+            node.outputSegmentation,
+            heatmapVolume=node.heatmapVolume,
+            modelPath=modelPath,
+            device=node.device,
+            progress=self.onProgress,
+            waitForCompletion=False,
+            overlap=node.overlap,
+            computeHeatmap=node.showHeatmap,  # the heatmap costs about a third of a run: only when shown
+            showHeatmap=node.showHeatmap,
+            heatmapOpacity=node.heatmapOpacity,
+        )
 
     def onProgress(self, fraction: float, stage: str) -> None:
         self.ui.progressBar.value = int(fraction * 1000)
@@ -507,6 +535,14 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
             return
         if outcome is None:
+            return
+        if self._segmentAfterDownload:  # the model is here now: segment with it
+            self._showModelCard()
+            try:
+                self._startSegmentation(outcome["path"])
+            except VoilaError as error:
+                self._jobEnded(_("Failed: {error}").format(error=error))
+                slicer.util.errorDisplay(str(error))
             return
         self._parameterNode.outputSegmentation = outcome.segmentation
         if outcome.heatmap is not None:
@@ -580,6 +616,11 @@ class VOILASegmenterTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from VOILASegmenterLib.environment import dependency_report
+
+        problem = dependency_report()  # also puts a source checkout's voila on sys.path
+        if problem:
+            self.fail(problem)  # not skipTest: ctest counts a skip as a pass
         self.setUp()
         self.test_segments_sample_ct()
         self.setUp()

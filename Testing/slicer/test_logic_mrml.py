@@ -28,12 +28,18 @@ def segmenter_available():
     assert (resources_dir() / DEMO_MODEL).is_file(), f"the demo model {DEMO_MODEL} is missing"
 
 
+# Fewer windows than the default 0.5: these tests are about geometry and the scene, not quality.
+OVERLAP = 0.25
+
+
 @pytest.fixture(scope="module")
 def logic(segmenter_available):
     from VOILASegmenterLib.logic import VOILASegmenterLogic
 
-    # One logic for the module: the model stays loaded between tests, as in Slicer.
-    return VOILASegmenterLogic()
+    # One logic for the module: its worker process keeps the model loaded between tests, as in Slicer.
+    logic = VOILASegmenterLogic()
+    yield logic
+    logic.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ def test_each_found_prompt_becomes_a_segment_named_coloured_and_coded_from_the_v
     from VOILASegmenterLib.mrml_io import segment_terminology
 
     ct = load_volume(scene)
-    outcome = logic.process(ct, PROMPTS, None)
+    outcome = logic.process(ct, PROMPTS, None, overlap=OVERLAP)
     segmentation = outcome.segmentation.GetSegmentation()
     assert [record.found for record in outcome.segments] == [True, True, True]
     assert segmentation.GetNumberOfSegments() == 3
@@ -99,7 +105,7 @@ def test_each_found_prompt_becomes_a_segment_named_coloured_and_coded_from_the_v
 
 def test_segmentation_and_heatmap_live_on_the_input_grid_and_the_heatmap_is_shown(scene, logic):
     ct = load_volume(scene)
-    outcome = logic.process(ct, ["liver"], None, heatmapOpacity=0.35)
+    outcome = logic.process(ct, ["liver"], None, heatmapOpacity=0.35, overlap=OVERLAP)
     segmentation_node, heatmap = outcome.segmentation, outcome.heatmap
     reference = slicer.vtkOrientedImageData()
     geometry = segmentation_node.GetSegmentation().GetConversionParameter(
@@ -125,11 +131,11 @@ def test_segmentation_and_heatmap_live_on_the_input_grid_and_the_heatmap_is_show
 def test_results_agree_for_lps_ordered_and_transformed_copies_of_the_same_ct(scene, logic):
     ct = load_volume(scene)
     shape = slicer.util.arrayFromVolume(ct).shape
-    reference = logic.process(ct, PROMPTS, None)
+    reference = logic.process(ct, PROMPTS, None, overlap=OVERLAP)
     lps = lps_copy(scene, ct)
-    flipped = logic.process(lps, PROMPTS, None)
+    flipped = logic.process(lps, PROMPTS, None, overlap=OVERLAP)
     moved = transformed_copy(scene, ct)
-    transformed = logic.process(moved, PROMPTS, None)
+    transformed = logic.process(moved, PROMPTS, None, overlap=OVERLAP)
     assert transformed.segmentation.GetParentTransformNode() is moved.GetParentTransformNode()
     assert transformed.heatmap.GetParentTransformNode() is moved.GetParentTransformNode()
     for expected, from_lps, from_moved in zip(reference.segments, flipped.segments, transformed.segments):
@@ -149,9 +155,9 @@ def test_running_again_replaces_segments_of_the_same_prompts_in_place_and_keeps_
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
     segmentation_node.CreateDefaultDisplayNodes()
     manual_id = segmentation_node.GetSegmentation().AddEmptySegment("", "my annotation", [0.1, 0.2, 0.3])
-    first = logic.process(ct, ["liver", "spleen"], segmentation_node)
+    first = logic.process(ct, ["liver", "spleen"], segmentation_node, overlap=OVERLAP)
     ids = {record.name: record.segmentId for record in first.segments}
-    second = logic.process(ct, ["Liver", "left kidney"], segmentation_node)
+    second = logic.process(ct, ["Liver", "left kidney"], segmentation_node, overlap=OVERLAP)
     assert second.segmentation is segmentation_node
     by_name = segments_by_name(segmentation_node)
     assert by_name["liver"] == ids["liver"]
@@ -167,7 +173,7 @@ def test_the_segmentation_joins_the_input_volumes_study_in_the_subject_hierarchy
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
     study = sh.CreateStudyItem(patient, "study")
     sh.CreateItem(study, ct)
-    outcome = logic.process(ct, ["liver"], None)
+    outcome = logic.process(ct, ["liver"], None, overlap=OVERLAP)
     assert sh.GetItemParent(sh.GetItemByDataNode(outcome.segmentation)) == study
     assert sh.GetItemParent(sh.GetItemByDataNode(outcome.heatmap)) == study
 
@@ -183,6 +189,7 @@ def test_a_non_blocking_run_is_polled_to_completion_with_progress_on_the_calling
         None,
         waitForCompletion=False,
         progress=lambda f, s: calls.append((f, s, threading.current_thread())),
+        overlap=OVERLAP,
     )
     assert isinstance(job, SegmentationJob)
     deadline = time.monotonic() + 600
@@ -203,9 +210,9 @@ def test_a_second_run_while_one_is_running_is_refused(scene, logic):
     from VOILASegmenterLib.logic import JobAlreadyRunningError
 
     ct = load_volume(scene)
-    job = logic.process(ct, PROMPTS, None, waitForCompletion=False)
+    job = logic.process(ct, PROMPTS, None, waitForCompletion=False, overlap=OVERLAP)
     with pytest.raises(JobAlreadyRunningError) as refused:
-        logic.process(ct, ["liver"], None)
+        logic.process(ct, ["liver"], None, overlap=OVERLAP)
     assert isinstance(refused.value, VoilaError) and "already running" in str(refused.value)
     job.cancel()
     with pytest.raises(Cancelled):
@@ -217,23 +224,25 @@ def test_cancelling_mid_run_leaves_the_scene_as_it_was(scene, logic):
 
     ct = load_volume(scene)
     before = node_ids(scene)
-    job = logic.process(ct, PROMPTS, None, waitForCompletion=False)
+    job = logic.process(ct, PROMPTS, None, waitForCompletion=False, overlap=OVERLAP)
     deadline = time.monotonic() + 300
-    while job.stage != "Segmenting" and time.monotonic() < deadline:
+    while job.poll() is None and job.stage != "Segmenting" and time.monotonic() < deadline:
         time.sleep(0.01)
+    worker = logic.worker.pid
     job.cancel()
     with pytest.raises(Cancelled):
         job.finish()
     assert node_ids(scene) == before
     assert isinstance(job.error, Cancelled) and job.done
     assert logic.job is None
+    assert logic.worker.pid == worker and logic.worker.alive, "cancel stops the job, not the worker"
 
 
 def test_removing_the_input_during_a_run_discards_the_result_with_a_clear_message(scene, logic):
     from VOILASegmenterLib.logic import InputRemovedError
 
     ct = load_volume(scene)
-    job = logic.process(ct, ["liver"], None, waitForCompletion=False)
+    job = logic.process(ct, ["liver"], None, waitForCompletion=False, overlap=OVERLAP)
     scene.RemoveNode(ct)
     before = node_ids(scene)
     with pytest.raises(InputRemovedError, match="removed"):
@@ -250,3 +259,104 @@ def test_the_module_parses_a_typed_field_exactly_as_the_command_line_does():
     assert parse_prompts(typed) == split_prompts(typed) == ["liver", "spleen", "left kidney", "aorta"]
     with pytest.raises(PromptError):
         parse_prompts(" ,\n")
+
+
+def test_the_model_runs_in_a_worker_process_and_a_run_under_slicers_main_loop_is_not_slowed(scene, logic):
+    """Slicer's main thread holds the GIL while Qt idles in C++ (PythonQt never releases it) and
+    runs Python only in timer slots; emulated here by sleeping *with* the GIL held (a ``PyDLL``
+    call keeps it) and polling every 200 ms. A Python worker thread would crawl in that loop;
+    the worker process does not care."""
+    import ctypes
+    import os
+
+    ct = load_volume(scene)
+    logic.process(ct, ["liver"], None, overlap=OVERLAP)  # model loaded and warm, as after a first run
+    started = time.monotonic()
+    logic.process(ct, PROMPTS, None, overlap=OVERLAP)
+    synchronous = time.monotonic() - started
+
+    libc = ctypes.PyDLL(None)  # PyDLL: the GIL stays held during the call, as in Qt's event loop
+    threads_before = threading.active_count()
+    started = time.monotonic()
+    job = logic.process(ct, PROMPTS, None, waitForCompletion=False, overlap=OVERLAP)
+    outcome = None
+    while outcome is None:
+        libc.usleep(195_000)
+        outcome = job.poll()
+        assert time.monotonic() - started < 600
+    emulated = time.monotonic() - started
+    assert outcome.segmentation.GetSegmentation().GetNumberOfSegments() == 3
+    assert threading.active_count() == threads_before, "no thread of this (GUI) process ran the model"
+    assert logic.worker.pid != os.getpid() and logic.worker.alive
+    assert emulated <= 2 * synchronous, (
+        f"{emulated:.1f} s under the emulated main loop, {synchronous:.1f} s directly"
+    )
+
+
+def test_a_crashed_worker_is_one_line_and_the_next_run_starts_a_new_one(scene, logic):
+    import os
+    import signal
+
+    from voila.worker import WorkerError
+
+    ct = load_volume(scene)
+    before = node_ids(scene)
+    job = logic.process(ct, ["liver"], None, waitForCompletion=False, overlap=OVERLAP)
+    crashed = logic.worker.pid
+    os.kill(crashed, signal.SIGKILL)
+    with pytest.raises(WorkerError) as raised:
+        job.finish()
+    message = str(raised.value)
+    assert "stopped unexpectedly" in message and "\n" not in message and "next run" in message
+    assert node_ids(scene) == before
+    outcome = logic.process(ct, ["liver"], None, overlap=OVERLAP)
+    assert outcome.segments[0].found and logic.worker.pid != crashed
+
+
+def test_the_heatmap_never_overwrites_the_input_or_a_volume_voila_did_not_create(scene, logic):
+    from VOILASegmenterLib.logic import HeatmapOverwriteError
+
+    ct = load_volume(scene)
+    voxels = slicer.util.arrayFromVolume(ct).copy()
+    other = add_volume_from_array(scene, "my other volume", voxels[:4].copy(), matrix(ct.GetIJKToRASMatrix))
+    before = node_ids(scene)
+    for target in (ct, other):
+        with pytest.raises(HeatmapOverwriteError, match="Create new"):
+            logic.process(ct, ["liver"], None, heatmapVolume=target, overlap=OVERLAP)
+    assert node_ids(scene) == before and np.array_equal(slicer.util.arrayFromVolume(ct), voxels)
+    first = logic.process(ct, ["liver"], None, overlap=OVERLAP)
+    again = logic.process(ct, ["liver"], None, heatmapVolume=first.heatmap, overlap=OVERLAP)
+    assert again.heatmap is first.heatmap  # a heatmap VOILA created is reused
+    alpha = [
+        first.heatmap.GetDisplayNode().GetColorNode().GetLookupTable().GetTableValue(i)[3] for i in (0, 255)
+    ]
+    assert alpha == [0.0, 1.0], "low complexity is transparent: the CT is not dimmed there"
+
+
+def test_a_segment_the_user_edited_is_kept_and_the_new_result_goes_beside_it(scene, logic):
+    from VOILASegmenterLib.mrml_io import ijk_to_ras
+    from vtk.util import numpy_support
+
+    ct = load_volume(scene)
+    shape = slicer.util.arrayFromVolume(ct).shape
+    first = logic.process(ct, ["liver", "spleen"], None, overlap=OVERLAP)
+    node = first.segmentation
+    liver = first.segments[0].segmentId
+    edited = segment_mask(node, liver, shape)
+    edited[:, :, : shape[2] // 2] = False  # the user erased half of it in Segment Editor
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*reversed(shape))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)[:] = edited
+    image.SetImageToWorldMatrix(to_vtk_matrix(ijk_to_ras(ct)))
+    logic_class = slicer.vtkSlicerSegmentationsModuleLogic
+    logic_class.SetBinaryLabelmapToSegment(image, node, liver, logic_class.MODE_REPLACE)
+
+    second = logic.process(ct, ["liver", "spleen"], node, overlap=OVERLAP)
+    assert any("kept your edited segment of 'liver'" in m for m in second.messages)
+    assert np.array_equal(segment_mask(node, liver, shape), edited), "the edited segment is untouched"
+    new_liver = second.segments[0].segmentId
+    assert new_liver != liver and second.segments[1].segmentId == first.segments[1].segmentId
+    third = logic.process(ct, ["liver"], node, overlap=OVERLAP)
+    assert third.segments[0].segmentId == new_liver, "the unedited VOILA segment is the one replaced"
+    assert node.GetSegmentation().GetNumberOfSegments() == 3

@@ -57,25 +57,6 @@ def test_a_volume_without_voxels_is_refused(scene):
         mrml_io.volume_to_numpy(empty)
 
 
-def test_terminology_string_is_slicers_serialized_entry_with_the_structure_codes():
-    liver = {
-        "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
-        "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"},
-        "type_modifier": None,
-        "anatomic_region": None,
-        "anatomic_region_modifier": None,
-    }
-    entry = mrml_io.terminology_string(liver)
-    assert entry == (
-        "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
-        "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
-    )
-    segment = slicer.vtkSegment()
-    mrml_io.set_segment_terminology(segment, entry)
-    assert mrml_io.segment_terminology(segment) == entry
-    assert mrml_io.terminology_string(None) is None
-
-
 def test_segments_written_twice_for_the_same_prompt_keep_their_id(scene):
     ct = load_volume(scene)
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -92,7 +73,7 @@ def test_segments_written_twice_for_the_same_prompt_keep_their_id(scene):
         confidence=0.9,
     )
     first = mrml_io.write_segment(node, None, mask, ijk_to_ras, **options)
-    assert mrml_io.segment_ids_by_prompt(node) == {"structure:liver": first}
+    assert mrml_io.voila_segments(node) == {"structure:liver": [mrml_io.VoilaSegment(first, edited=False)]}
     smaller = np.zeros_like(mask)
     smaller[12:14, 12:14, 12:14] = True
     second = mrml_io.write_segment(node, first, smaller, ijk_to_ras, **options)

@@ -4,21 +4,33 @@
     outcome = logic.process(ctNode, ["liver", "spleen", "left kidney"], outputSegmentation=None)
     outcome.segmentation, outcome.heatmap, outcome.notFound
 
-With ``waitForCompletion=False`` the model runs in a worker thread and ``process`` returns a
-:class:`SegmentationJob` to poll from the main thread (the widget uses a ``qt.QTimer``). The worker
-only sees numpy arrays; MRML is touched on the main thread, by ``poll()``/``finish()``, and only
-after a successful, uncancelled run, so a cancelled or failed run leaves the scene as it was.
+The model runs in a separate Python process (:class:`voila.worker.Worker`; ``PythonSlicer`` in
+Slicer), never on the GUI thread and never in a Python thread of Slicer's process: PythonQt holds
+the GIL while Qt idles, so such a thread would only run while the GUI thread executes Python. The
+worker starts on first use and stays alive, so the model stays loaded between runs; a crashed
+worker is reported in one line and replaced on the next run.
+
+With ``waitForCompletion=False`` ``process`` returns a :class:`SegmentationJob` to poll from the main
+thread (the widget uses a ``qt.QTimer``): ``poll()`` never blocks. MRML is touched only on the
+caller's thread, by ``poll()``/``finish()``, and only after a successful, uncancelled run, so a
+cancelled or failed run leaves the scene as it was. Nothing the user had is overwritten: the
+heatmap goes only into a volume VOILA created, and a re-run replaces only the segments VOILA
+wrote that the user has not edited since.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
-from voila.errors import Cancelled, InputImageError, PromptError, VoilaError
+from voila.errors import Cancelled, InputImageError, OutputError, PromptError, VoilaError
+
+try:  # inside 3D Slicer: the module's logic class, owner of its parameter node
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+except ImportError:  # slicer-core (tests, batch scripts): MRML without the application
+    ScriptedLoadableModuleLogic = object
 
 from VOILASegmenterLib import mrml_io
 
@@ -80,34 +92,42 @@ def _segment_key(prompt) -> str:
     return f"structure:{prompt.key}" if prompt.structure else f"text:{prompt.key}"
 
 
-class SegmentationJob:
-    """One segmentation run. ``poll()`` returns ``None`` while it runs and the outcome once applied."""
+class WorkerTask:
+    """One request to the logic's worker process, polled from the caller's thread.
 
-    def __init__(self, logic: VOILASegmenterLogic, request: dict, progress: Optional[ProgressCallback]):
+    ``poll()`` never blocks: ``None`` while the worker runs it, then its outcome (once), or the
+    error it ended with (a :class:`VoilaError`, e.g. :class:`Cancelled`). ``progress(fraction,
+    stage)`` is called from ``poll()``, so always on the caller's thread.
+    """
+
+    def __init__(self, logic: VOILASegmenterLogic, progress: Optional[ProgressCallback] = None) -> None:
         self._logic = logic
-        self._request = request
         self._progress = progress
-        self._cancelEvent = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._synchronous = False
-        self._fraction = 0.0
-        self._stage = "Starting"
+        self._work = None  # the worker's job
         self._reported: Optional[tuple[float, str]] = None
-        self._result = None
-        self._workerError: Optional[BaseException] = None
-        self._outcome: Optional[SegmentationOutcome] = None
+        self._outcome: Any = None
         self._startTime = time.monotonic()
         self._endTime: Optional[float] = None
+        self._cancelled = False
         self.done = False
         self.error: Optional[BaseException] = None
 
+    def submit(self, op: str, request: dict, arrays: Optional[dict] = None) -> None:
+        self._work = self._logic.worker.submit(op, request, arrays)
+        if self._cancelled:
+            self._work.cancel()
+
     @property
     def fraction(self) -> float:
-        return self._fraction
+        if self.done and self.error is None:
+            return 1.0
+        return 0.0 if self._work is None else 0.95 * self._work.fraction
 
     @property
     def stage(self) -> str:
-        return self._stage
+        if self.done:
+            return "Done" if self.error is None else "Stopped"
+        return "Starting" if self._work is None else self._work.stage
 
     @property
     def elapsedSeconds(self) -> float:
@@ -116,129 +136,178 @@ class SegmentationJob:
     @property
     def etaSeconds(self) -> Optional[float]:
         """Remaining time extrapolated from progress so far; ``None`` until there is enough to go on."""
-        if self.done or self._fraction < 0.02:
+        if self.done or self.fraction < 0.02:
             return None
-        return self.elapsedSeconds * (1.0 - self._fraction) / self._fraction
+        return self.elapsedSeconds * (1.0 - self.fraction) / self.fraction
 
     @property
     def running(self) -> bool:
         return not self.done
 
     def cancel(self) -> None:
-        """Ask the run to stop; the next ``poll()`` after it stopped raises :class:`Cancelled`."""
-        self._cancelEvent.set()
+        """Stop this request only (the worker stays up); the next ``poll()`` raises Cancelled."""
+        self._cancelled = True
+        if self._work is not None:
+            self._work.cancel()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="VOILASegmenter", daemon=True)
-        self._thread.start()
+    def finish(self, timeout: Optional[float] = None, interval: float = 0.05):
+        """Wait (blocking the caller) for the request, then complete it like ``poll()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            outcome = self.poll()
+            if self.done or (deadline is not None and time.monotonic() > deadline):
+                return outcome
+            time.sleep(interval)
 
-    def runHere(self) -> SegmentationOutcome:
-        self._synchronous = True
-        self._work()
-        return self.poll()
-
-    def finish(self, timeout: Optional[float] = None) -> Optional[SegmentationOutcome]:
-        """Wait (blocking the caller) for the worker, then apply on this thread like ``poll()``."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.poll()
-
-    def poll(self) -> Optional[SegmentationOutcome]:
-        """Main thread only. ``None`` while running; then applies the result once and returns it.
-
-        Raises the run's error (a :class:`VoilaError` such as :class:`Cancelled`) when it failed.
-        """
+    def poll(self):
         if self.done:
             if self.error is not None:
                 raise self.error
             return self._outcome
-        if self._thread is not None and self._thread.is_alive():
-            self._report()
+        try:
+            reply = self._work.poll()
+        except BaseException as error:
+            return self._end(self._describe(error))
+        if reply is None:
+            self._reportStage(self.fraction, self.stage)
             return None
+        if self._cancelled:
+            return self._end(self._describe(Cancelled("cancelled")))
+        try:
+            self._outcome = self._complete(reply)
+        except BaseException as error:
+            return self._end(error)
+        self._end(None)
+        self._reportStage(1.0, "Done")
+        return self._outcome
+
+    def _complete(self, reply: dict) -> Any:
+        """The outcome of a finished request (subclasses turn it into scene changes)."""
+        return reply["result"]
+
+    def _describe(self, error: BaseException) -> BaseException:
+        return error
+
+    def _end(self, error: Optional[BaseException]):
         self.done = True
         self._endTime = time.monotonic()
         self._logic._jobFinished(self)
-        try:
-            if self._workerError is not None:
-                raise self._workerError
-            if self._cancelEvent.is_set() or self._result is None:
-                raise Cancelled("segmentation cancelled; the scene was left unchanged")
-            self._stage = "Writing segments"
-            self._report()
-            self._outcome = self._logic._apply(self._request, self._result, self.elapsedSeconds)
-        except BaseException as error:
+        if error is not None:
             self.error = error
-            raise
-        self._fraction, self._stage = 1.0, "Done"
-        self._report()
-        return self._outcome
+            raise error
+        return None
 
-    def _report(self) -> None:
-        state = (round(self._fraction, 3), self._stage)
+    def _reportStage(self, fraction: float, stage: str) -> None:
+        state = (round(fraction, 3), stage)
         if self._progress is not None and state != self._reported:
             self._reported = state
-            self._progress(self._fraction, self._stage)
+            self._progress(fraction, stage)
 
-    def _onProgress(self, fraction: float) -> None:
-        # Called by voila on the worker thread: only numbers are stored here.
-        self._fraction = 0.05 + 0.9 * min(max(float(fraction), 0.0), 1.0)
-        if self._synchronous:
-            self._report()
 
-    def _work(self) -> None:
+class SegmentationJob(WorkerTask):
+    """One segmentation run. ``poll()`` returns ``None`` while it runs and the outcome once applied."""
+
+    def __init__(self, logic: VOILASegmenterLogic, request: dict, progress: Optional[ProgressCallback]):
+        super().__init__(logic, progress)
+        self._request = request
+
+    def start(self) -> None:
         request = self._request
-        try:
-            self._stage = "Loading model"
-            if self._synchronous:
-                self._report()
-            segmenter = self._logic.segmenter(request["modelPath"], request["device"])
-            if self._cancelEvent.is_set():
-                return
-            self._fraction, self._stage = 0.05, "Segmenting"
-            self._result = segmenter.segment(
-                request["image"],
-                request["affine"],
-                request["prompts"],
-                heatmap=request["computeHeatmap"],
-                progress=self._onProgress,
-                cancel=self._cancelEvent,
-                overlap=request["overlap"],
-            )
-        except BaseException as error:
-            self._workerError = error
+        self.submit(
+            "segment",
+            {
+                "affine": np.asarray(request["affine"]).tolist(),
+                "prompts": request["prompts"],
+                "model": str(request["modelPath"]) if request["modelPath"] else None,
+                "device": request["device"],
+                "overlap": request["overlap"],
+                "heatmap": request["computeHeatmap"],
+            },
+            {"image": request["image"]},
+        )
+        request["image"] = None  # the worker has its copy; the GUI process need not hold two
+
+    def _describe(self, error: BaseException) -> BaseException:
+        if isinstance(error, Cancelled):
+            return Cancelled("segmentation cancelled; the scene was left unchanged")
+        return error
+
+    def _complete(self, reply: dict) -> SegmentationOutcome:
+        from voila.infer.results import SegmentationResult
+
+        arrays = reply["arrays"]
+        result = SegmentationResult.from_dict(reply["result"], arrays["labelmap"], arrays.get("heatmap"))
+        self._reportStage(0.97, "Writing segments")
+        return self._logic._apply(self._request, result, self.elapsedSeconds)
 
 
-class VOILASegmenterLogic:
-    """GUI-free logic. Keeps loaded models warm between runs, one per ``(modelPath, device)``."""
+class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
+    """GUI-free logic. Owns the module's parameter node (in Slicer) and one worker process, in
+    which the models stay loaded between runs.
 
-    def __init__(self):
-        self._segmenters: dict[tuple[Optional[str], str], Any] = {}
-        self._segmentersLock = threading.Lock()
+    ``defaultModelPath`` / ``defaultDevice``: used when a run names none (``None``: the shipped
+    demo model). ``python``: the interpreter of the worker (default: ``PythonSlicer`` in Slicer).
+    """
+
+    def __init__(self, python: Optional[str] = None, defaultModelPath=None, defaultDevice: str = "auto"):
+        if ScriptedLoadableModuleLogic is not object:
+            ScriptedLoadableModuleLogic.__init__(self)
+        self._python = python
+        self._worker = None
         self._job: Optional[SegmentationJob] = None
+        self.defaultModelPath = defaultModelPath
+        self.defaultDevice = defaultDevice
+
+    @property
+    def worker(self):
+        """The worker process client (started on first use; a crashed one is replaced)."""
+        from voila.worker import Worker
+
+        if self._worker is None:
+            self._worker = Worker(python=self._python)
+        return self._worker
 
     @property
     def job(self) -> Optional[SegmentationJob]:
         """The running job, if any."""
         return self._job
 
-    def segmenter(self, modelPath=None, device: str = "auto"):
-        """A loaded ``voila.Segmenter`` (cached); thread-safe, so the worker may call it."""
-        key = (str(modelPath) if modelPath else None, device or "auto")
-        with self._segmentersLock:
-            if key not in self._segmenters:
-                from voila.infer.segmenter import Segmenter
-
-                self._segmenters[key] = Segmenter.load(model_path=key[0], device=key[1])
-            return self._segmenters[key]
-
-    def clearModels(self) -> None:
-        """Forget loaded models (frees their memory once nothing else holds them)."""
-        with self._segmentersLock:
-            self._segmenters.clear()
+    def shutdown(self) -> None:
+        """Stop the worker process (it frees the models' memory); the next run starts a new one."""
+        if self._job is not None:
+            self._job.cancel()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def cancel(self) -> None:
         if self._job is not None:
             self._job.cancel()
+
+    def downloadModel(self, request: dict, progress: Optional[ProgressCallback] = None) -> WorkerTask:
+        """Download a registered model in the worker (``request`` from
+        :func:`VOILASegmenterLib.models.prepare_download`, sent only after the user agreed);
+        ``poll()`` gives ``{"path": ...}``."""
+        return self._startTask(WorkerTask(self, progress), "download", request)
+
+    def trainModel(self, config: dict, progress: Optional[ProgressCallback] = None) -> WorkerTask:
+        """Train (``voila.train`` settings) in the worker: Slicer stays responsive and the model
+        runs outside its GUI thread; ``cancel()`` stops cleanly (checkpoint and export);
+        ``poll()`` gives ``{"model": path, "stopped": bool}``."""
+        return self._startTask(WorkerTask(self, progress), "train", {"config": dict(config)})
+
+    def _startTask(self, task: WorkerTask, op: str, request: dict) -> WorkerTask:
+        if self._job is not None and not self._job.done:
+            raise JobAlreadyRunningError(
+                "VOILA is busy with another run; wait for it to finish or press Cancel first"
+            )
+        self._job = task
+        try:
+            task.submit(op, request)
+        except BaseException:
+            self._job = None
+            raise
+        return task
 
     def process(
         self,
@@ -247,11 +316,10 @@ class VOILASegmenterLogic:
         outputSegmentation=None,
         heatmapVolume=None,
         modelPath=None,
-        device: str = "auto",
+        device: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
         waitForCompletion: bool = True,
         overlap: float = 0.5,
-        cancel: Optional[threading.Event] = None,
         computeHeatmap: bool = True,
         showHeatmap: bool = True,
         heatmapOpacity: float = 0.4,
@@ -260,9 +328,10 @@ class VOILASegmenterLogic:
 
         One segment per found prompt, named after the matched structure (or the prompt for free
         text), with its colour and DICOM terminology; running again with the same prompts replaces
-        those segments in place and leaves other segments alone. The complexity heatmap goes into
-        ``heatmapVolume`` (created when ``None``) on the input grid. ``progress(fraction, stage)`` is
-        always called on the caller's thread. ``cancel`` (a ``threading.Event``) stops the run.
+        those segments in place (unless the user edited them since: then the new result goes next
+        to the edited segment) and leaves other segments alone. The complexity heatmap goes into
+        ``heatmapVolume`` (created when ``None``; only a volume VOILA created is accepted) on the
+        input grid. ``progress(fraction, stage)`` is always called on the caller's thread.
 
         Returns a :class:`SegmentationOutcome`, or with ``waitForCompletion=False`` a started
         :class:`SegmentationJob`.
@@ -273,6 +342,8 @@ class VOILASegmenterLogic:
             )
         if inputVolume is None or inputVolume.GetScene() is None:
             raise InputImageError("select an input CT volume that is loaded in the scene")
+        if heatmapVolume is not None:
+            checkHeatmapTarget(heatmapVolume, inputVolume)
         image, affine = mrml_io.volume_to_numpy(inputVolume)
         request = {
             "inputVolume": inputVolume,
@@ -282,20 +353,22 @@ class VOILASegmenterLogic:
             "prompts": parse_prompts(prompts),
             "outputSegmentation": outputSegmentation,
             "heatmapVolume": heatmapVolume,
-            "modelPath": modelPath,
-            "device": device or "auto",
+            "modelPath": modelPath or self.defaultModelPath,
+            "device": device or self.defaultDevice or "auto",
             "overlap": float(overlap),
             "computeHeatmap": bool(computeHeatmap),
             "showHeatmap": bool(showHeatmap),
             "heatmapOpacity": float(heatmapOpacity),
         }
         job = SegmentationJob(self, request, progress)
-        if cancel is not None:
-            job._cancelEvent = cancel
         self._job = job
+        try:
+            job.start()
+        except BaseException:
+            self._job = None
+            raise
         if waitForCompletion:
-            return job.runHere()
-        job.start()
+            return job.finish()
         return job
 
     def _jobFinished(self, job: SegmentationJob) -> None:
@@ -328,12 +401,15 @@ class VOILASegmenterLogic:
                 "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} VOILA")
             )
         mrml_io.prepare_segmentation(segmentationNode, inputVolume)
+        loadTerminology()
         records = self._writeSegments(segmentationNode, inputVolume, result, messages)
         heatmapNode = None
         if result.heatmap is not None:
             heatmapNode = request["heatmapVolume"]
             if heatmapNode is not None and not mrml_io.node_in_scene(heatmapNode):
                 heatmapNode = None
+            if heatmapNode is not None:
+                checkHeatmapTarget(heatmapNode, inputVolume)
             if heatmapNode is None:
                 heatmapNode = scene.AddNewNodeByClass(
                     "vtkMRMLScalarVolumeNode",
@@ -351,7 +427,7 @@ class VOILASegmenterLogic:
         self, segmentationNode, inputVolume, result, messages: list[str]
     ) -> list[SegmentRecord]:
         ijkToRas = mrml_io.ijk_to_ras(inputVolume)
-        existing = mrml_io.segment_ids_by_prompt(segmentationNode)
+        earlier = mrml_io.voila_segments(segmentationNode)
         labelmap = np.asarray(result.labelmap)
         records = []
         wasModifying = segmentationNode.StartModify()
@@ -369,10 +445,17 @@ class VOILASegmenterLogic:
                     openVocabulary=bool(prompt.open_vocabulary),
                     note=prompt.note or "",
                 )
+                # replace only what VOILA wrote and the user has not edited since
+                replaceable = next((s.segment_id for s in earlier.get(key, []) if not s.edited), None)
+                edited = [s for s in earlier.get(key, []) if s.edited]
                 if prompt.found:
+                    if replaceable is None and edited:
+                        messages.append(
+                            f"kept your edited segment of '{prompt.prompt}'; the new result is beside it"
+                        )
                     record.segmentId = mrml_io.write_segment(
                         segmentationNode,
-                        existing.get(key),
+                        replaceable,
                         labelmap == prompt.label,
                         ijkToRas,
                         name=name,
@@ -381,11 +464,45 @@ class VOILASegmenterLogic:
                         terminology_entry=mrml_io.terminology_string(prompt.snomed),
                         confidence=record.confidence,
                     )
-                elif key in existing:
+                elif replaceable is not None:
                     # A stale segment would read as this run's answer; the table reports the miss.
-                    segmentationNode.GetSegmentation().RemoveSegment(existing[key])
+                    segmentationNode.GetSegmentation().RemoveSegment(replaceable)
                     messages.append(f"removed the earlier segment of '{prompt.prompt}' (not found this time)")
                 records.append(record)
         finally:
             segmentationNode.EndModify(wasModifying)
         return records
+
+
+def loadTerminology() -> None:
+    """Make Slicer's terminology logic know VOILA's context (all 117 structures, also on Slicer
+    versions whose DICOM master list lacks some); idempotent. Without the application (slicer-core)
+    there is no terminology module to tell."""
+    import slicer
+
+    modules = getattr(slicer, "modules", None)
+    if modules is None or not hasattr(modules, "terminologies"):
+        return
+    from VOILASegmenterLib.terminology import load_terminology
+
+    load_terminology(modules.terminologies.logic())
+
+
+class HeatmapOverwriteError(OutputError):
+    """The chosen heatmap volume is not one VOILA created (e.g. the input CT)."""
+
+
+def checkHeatmapTarget(heatmapVolume, inputVolume) -> None:
+    """VOILA writes its heatmap only into a heatmap volume it created, never into the input or any
+    other volume of the user's."""
+    if heatmapVolume is inputVolume or (
+        inputVolume is not None and heatmapVolume.GetID() and heatmapVolume.GetID() == inputVolume.GetID()
+    ):
+        raise HeatmapOverwriteError(
+            f"'{heatmapVolume.GetName()}' is the input CT; the heatmap never replaces it: choose 'Create new'"
+        )
+    if heatmapVolume.GetAttribute(mrml_io.HEATMAP_ATTRIBUTE) != "1":
+        raise HeatmapOverwriteError(
+            f"'{heatmapVolume.GetName()}' is not a VOILA complexity heatmap; VOILA writes only into heatmaps "
+            "it created: choose one of those or 'Create new'"
+        )

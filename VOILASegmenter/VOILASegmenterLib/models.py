@@ -3,29 +3,25 @@
 An entry is ``{"name", "description", "license", "url", "sha256"}`` for a downloadable model, or
 ``{"name", "description", "license", "local"}`` for a file shipped with the extension (``local`` is
 relative to voila's ``Resources/`` folder, found by :func:`voila.resources.resources_dir`).
-Downloads happen only after the user agreed, are checked against the SHA-256 in the registry and
-appear in the cache folder only when complete.
+Downloads happen only after the user agreed, run in the worker process (:mod:`voila.model.download`),
+are checked against the SHA-256 in the registry and appear in the cache folder only when complete.
 
     entries = load_registry()
-    path = download_model(entries[0], cache_dir, consent=lambda entry: True)
+    path, download_request = prepare_download(entries[0], cache_dir)   # request: for the worker
     model_card(path)["description"]
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from voila.errors import ModelFileError, VoilaError
 
 MODULE_RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 REGISTRY_FILE = MODULE_RESOURCES / "model_registry.json"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,78 +75,33 @@ def local_model_path(entry: ModelEntry) -> Optional[Path]:
     return candidate if candidate.is_file() else None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_model_path(entry: ModelEntry, cache_dir: Path) -> Optional[Path]:
     """The already-downloaded, verified file of ``entry`` (or the shipped file), else ``None``."""
     if entry.local:
         return local_model_path(entry)
+    from voila.model.download import sha256_of
+
     path = Path(cache_dir) / entry.filename
     if path.is_file() and sha256_of(path) == entry.sha256:
         return path
     return None
 
 
-def download_model(
-    entry: ModelEntry,
-    cache_dir,
-    consent: Callable[[ModelEntry], bool],
-    progress: Optional[Callable[[float], None]] = None,
-) -> Path:
-    """Path of the model file, downloading it into ``cache_dir`` first if the user agrees.
-
-    ``consent(entry)`` is asked only when a download is needed. The file is written to
-    ``<name>.partial-<pid>`` and renamed into place after its SHA-256 matched.
-    """
+def prepare_download(entry: ModelEntry, cache_dir) -> tuple[Optional[Path], Optional[dict]]:
+    """``(path, None)`` when the model is already on this computer (shipped or downloaded and
+    verified), else ``(None, request)``: the worker's ``download`` request, to send only after the
+    user agreed (the download itself runs in the worker process, with progress and cancel)."""
     if entry.local:
         path = local_model_path(entry)
         if path is None:
             raise ModelFileError(
                 f"the shipped model '{entry.name}' ({entry.local}) is missing; reinstall the extension"
             )
-        return path
-    cache_dir = Path(cache_dir)
-    existing = cached_model_path(entry, cache_dir)
+        return path, None
+    existing = cached_model_path(entry, Path(cache_dir))
     if existing is not None:
-        return existing
-    if not consent(entry):
-        raise VoilaError(
-            f"model '{entry.name}' was not downloaded; choose another model or allow the download"
-        )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / entry.filename
-    partial = cache_dir / f"{entry.filename}.partial-{os.getpid()}"
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(entry.url, timeout=60) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None and total:
-                    progress(done / total)
-        if digest.hexdigest() != entry.sha256:
-            raise ModelFileError(
-                f"download of '{entry.name}' is corrupt (SHA-256 mismatch); try again or download "
-                f"{entry.url} manually and choose it as a custom model file"
-            )
-        os.replace(partial, target)
-    except OSError as error:
-        raise VoilaError(
-            f"cannot download model '{entry.name}' from {entry.url} ({error}); check the network connection"
-        ) from None
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return target
+        return existing, None
+    return None, {"url": entry.url, "sha256": entry.sha256, "target": str(Path(cache_dir) / entry.filename)}
 
 
 def model_card(path) -> dict:

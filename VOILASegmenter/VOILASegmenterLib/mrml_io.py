@@ -12,11 +12,22 @@ Everything here runs on the main thread and only uses the scene the nodes belong
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import numpy as np
 import slicer
 import vtk
 from voila.errors import InputImageError, VoilaError
 from vtk.util import numpy_support
+
+from VOILASegmenterLib.terminology import (  # noqa: F401 (moved there; importable from here until callers move)
+    ANATOMIC_CONTEXT,
+    CATEGORY_CONTEXT,
+    segment_terminology,
+    set_segment_terminology,
+    terminology_string,
+)
 
 # Swaps the first and third voxel axes: (k, j, i, 1) -> (i, j, k, 1).
 KJI_TO_IJK = np.array(
@@ -25,11 +36,12 @@ KJI_TO_IJK = np.array(
 
 PROMPT_TAG = "VOILA.Prompt"
 CONFIDENCE_TAG = "VOILA.Confidence"
+CHECKSUM_TAG = "VOILA.Checksum"  # of the voxels VOILA wrote: a different one means the user edited it
 HEATMAP_ATTRIBUTE = "VOILA.ComplexityHeatmap"
 HEATMAP_COLOR_NAME = "VOILA Complexity"
-
-CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# The heatmap's colour table is fully transparent up to this value and fully opaque from the next.
+HEATMAP_TRANSPARENT_BELOW = 0.1
+HEATMAP_OPAQUE_FROM = 0.5
 
 # A perceptually uniform dark-to-bright ramp (matplotlib's "inferno" sampled at 9 stops), so the
 # heatmap reads the same in Slicer builds without the Colors module's file-based tables.
@@ -108,59 +120,49 @@ def _oriented_image(array_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> sli
     return image
 
 
-def _code(entry: dict | None) -> str:
-    if not entry:
-        return "^^"
-    return f"{entry.get('scheme', '')}^{entry.get('code', '')}^{entry.get('meaning', '')}"
+@dataclass
+class VoilaSegment:
+    """A segment VOILA wrote: its ID and whether the user changed its voxels since."""
+
+    segment_id: str
+    edited: bool
 
 
-def terminology_string(terminology: dict | None) -> str | None:
-    """Slicer's serialized terminology entry for a vocabulary structure's DICOM codes, or ``None``.
-
-    ``terminology`` maps ``category``, ``type``, ``type_modifier``, ``anatomic_region``,
-    ``anatomic_region_modifier`` to ``{"scheme", "code", "meaning"}`` (``voila.vocabulary``).
-    """
-    if not terminology or not terminology.get("type"):
-        return None
-    return "~".join(
-        [
-            CATEGORY_CONTEXT,
-            _code(terminology.get("category")),
-            _code(terminology.get("type")),
-            _code(terminology.get("type_modifier")),
-            ANATOMIC_CONTEXT,
-            _code(terminology.get("anatomic_region")),
-            _code(terminology.get("anatomic_region_modifier")),
-        ]
-    )
-
-
-def set_segment_terminology(segment, terminology_entry: str) -> None:
-    """Slicer >= 5.7 has ``vtkSegment.SetTerminology``; older releases keep it in a tag."""
-    if hasattr(segment, "SetTerminology"):
-        segment.SetTerminology(terminology_entry)
-    else:
-        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry)
-
-
-def segment_terminology(segment) -> str:
-    if hasattr(segment, "GetTerminology"):
-        return segment.GetTerminology()
-    value = vtk.reference("")
-    segment.GetTag(segment.GetTerminologyEntryTagName(), value)
-    return str(value)
-
-
-def segment_ids_by_prompt(segmentation_node) -> dict[str, str]:
-    """``{prompt key: segment ID}`` of segments this module wrote earlier."""
+def voila_segments(segmentation_node) -> dict[str, list[VoilaSegment]]:
+    """``{prompt key: [VoilaSegment, ...]}`` of the segments this module wrote earlier, in list
+    order. A segment counts as edited when its voxels no longer match the checksum stored when
+    VOILA wrote it (Segment Editor changes, or a segment of an older version without checksum)."""
     segmentation = segmentation_node.GetSegmentation()
-    found = {}
+    found: dict[str, list[VoilaSegment]] = {}
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
-        key = vtk.reference("")
+        segment_id = segmentation.GetNthSegmentID(index)
+        key, stored = vtk.reference(""), vtk.reference("")
         if segment.GetTag(PROMPT_TAG, key):
-            found[str(key)] = segmentation.GetNthSegmentID(index)
+            segment.GetTag(CHECKSUM_TAG, stored)
+            edited = str(stored) != segment_checksum(segmentation_node, segment_id)
+            found.setdefault(str(key), []).append(VoilaSegment(segment_id, edited))
     return found
+
+
+def segment_checksum(segmentation_node, segment_id: str) -> str:
+    """A fingerprint of a segment's voxels: their bounding box (in the labelmap's IJK) and the
+    mask inside it, so it does not depend on how far the (possibly shared) labelmap extends."""
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    scalars = image.GetPointData().GetScalars() if image.GetPointData() is not None else None
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if scalars is None or i1 < i0:
+        return "empty"
+    mask = numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) > 0
+    where = np.nonzero(mask)
+    if not where[0].size:
+        return "empty"
+    low, high = [int(w.min()) for w in where], [int(w.max()) + 1 for w in where]
+    box = mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+    digest = hashlib.sha1(str([low[0] + k0, low[1] + j0, low[2] + i0, *box.shape]).encode("ascii"))
+    digest.update(np.packbits(box).tobytes())
+    return digest.hexdigest()
 
 
 def prepare_segmentation(segmentation_node, input_volume) -> None:
@@ -199,6 +201,8 @@ def write_segment(
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise VoilaError(f"could not write segment '{name}' into '{segmentation_node.GetName()}'")
+    # read back, as an edit check later reads it: what Slicer holds, not what was handed over
+    segment.SetTag(CHECKSUM_TAG, segment_checksum(segmentation_node, segment_id))
     return segment_id
 
 
@@ -230,8 +234,12 @@ def heatmap_color_node(scene):
     stops = np.array(_INFERNO_STOPS)
     positions = np.linspace(0.0, 1.0, 256)
     rgb = np.stack([np.interp(positions, stops[:, 0], stops[:, c]) for c in (1, 2, 3)], axis=1)
-    for index, (r, g, b) in enumerate(rgb):
-        color_node.SetColor(index, f"{index / 255:.2f}", float(r), float(g), float(b), 1.0)
+    # transparent where there is little to review, so the CT shows undimmed there (alpha ramp)
+    alpha = np.clip(
+        (positions - HEATMAP_TRANSPARENT_BELOW) / (HEATMAP_OPAQUE_FROM - HEATMAP_TRANSPARENT_BELOW), 0, 1
+    )
+    for index, ((r, g, b), a) in enumerate(zip(rgb, alpha)):
+        color_node.SetColor(index, f"{index / 255:.2f}", float(r), float(g), float(b), float(a))
     color_node.SetAttribute("Category", "VOILA")
     return color_node
 

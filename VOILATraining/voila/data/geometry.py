@@ -79,3 +79,59 @@ def same_grid(
         min(voxel_spacing(affine).min(), voxel_spacing(other_affine).min())
     )
     return grid_offset_mm(shape, affine, other_affine) <= tolerance
+
+
+def world_to_voxel(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World RAS points ``(P, 3)`` (mm) → continuous voxel coordinates ``(P, 3)`` of the grid."""
+    points = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    homogeneous = np.hstack([points, np.ones((len(points), 1))])
+    return (np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ homogeneous.T).T[:, :3]
+
+
+def voxel_of(affine: np.ndarray, shape: Sequence[int], point: Sequence[float]) -> tuple[int, int, int] | None:
+    """The voxel whose centre is nearest the world point (R, A, S) in mm, or None outside the grid."""
+    index = np.floor(world_to_voxel(affine, np.asarray(point))[0] + 0.5).astype(int)
+    if np.any(index < 0) or np.any(index >= np.asarray(shape)):
+        return None
+    return int(index[0]), int(index[1]), int(index[2])
+
+
+def box_region(
+    affine: np.ndarray,
+    shape: Sequence[int],
+    corners: Sequence[Sequence[float]],
+    margin: Sequence[int] = (0, 0, 0),
+) -> tuple[slice, slice, slice] | None:
+    """The slices of the grid covering an axis-aligned world box (two opposite corners, mm), widened
+    by ``margin`` voxels per axis and clipped to the grid; None when the box misses the grid."""
+    low, high = np.min(corners, axis=0), np.max(corners, axis=0)
+    eight = np.array(
+        [[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])]
+    )
+    voxels = world_to_voxel(affine, eight)
+    start = np.floor(voxels.min(axis=0) + 0.5).astype(int) - np.asarray(margin)
+    stop = np.floor(voxels.max(axis=0) + 0.5).astype(int) + 1 + np.asarray(margin)
+    start, stop = np.maximum(start, 0), np.minimum(stop, np.asarray(shape))
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def inside_box(
+    affine: np.ndarray, region: tuple[slice, slice, slice], corners: Sequence[Sequence[float]]
+) -> np.ndarray:
+    """Boolean ``(d, h, w)`` over ``region``: whose voxel centres lie inside the world box (any grid
+    orientation, oblique included)."""
+    low, high = np.min(corners, axis=0), np.max(corners, axis=0)
+    axes = [np.arange(s.start, s.stop, dtype=np.float64) for s in region]
+    affine = np.asarray(affine, dtype=np.float64)
+    inside = np.ones(tuple(len(a) for a in axes), dtype=bool)
+    for row in range(3):  # world coordinate `row` of every voxel, as a separable sum
+        world = (
+            affine[row, 0] * axes[0][:, None, None]
+            + affine[row, 1] * axes[1][None, :, None]
+            + affine[row, 2] * axes[2][None, None, :]
+            + affine[row, 3]
+        )
+        inside &= (world >= low[row]) & (world <= high[row])
+    return inside

@@ -11,14 +11,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from voila.data.geometry import voxel_spacing, voxel_volume_ml
 from voila.data.io import check_ct
 from voila.data.preprocess import PreprocessingConfig, preprocess_volume, resample_to_grid
 from voila.device import autocast_dtype, resolve_device
-from voila.errors import InputImageError, InsufficientMemoryError
+from voila.errors import InputImageError, InsufficientMemoryError, VoilaError
+from voila.infer.results import PromptResult, SegmentationResult
 from voila.infer.sliding_window import broken_model_error, predict_grid
 from voila.model.model_file import LoadedModel, load_model
 from voila.model.text_encoder import TextEncoder
@@ -44,68 +45,6 @@ STOLEN_FRACTION = 0.5
 BYTES_PER_MODEL_VOXEL = 4 * 34 + 8 * 3 + 4 * 3  # token buffer, labels/runner-up, confidence, image
 
 
-@dataclass
-class PromptResult:
-    """What one prompt gave. ``structure`` is the vocabulary name (None for free text); ``key``
-    what the prompt is matched by (:func:`voila.vocabulary.class_key`)."""
-
-    label: int
-    prompt: str
-    structure: str | None
-    key: str
-    display_name: str
-    open_vocabulary: bool
-    trained: bool
-    snomed: dict[str, Any] | None
-    snomed_code: str | None
-    color: tuple[int, int, int]
-    confidence: float
-    voxels: int
-    volume_ml: float
-    found: bool
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["color"] = list(self.color)
-        return values
-
-
-@dataclass
-class SegmentationResult:
-    """``labelmap`` uint8/uint16 and ``heatmap`` float32 (or None), both on the input grid."""
-
-    labelmap: np.ndarray
-    heatmap: np.ndarray | None
-    affine: np.ndarray
-    prompts: list[PromptResult]
-    model: dict[str, Any]
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON sidecar: label → prompt, structure, SNOMED code, colour, confidence, voxels, ml."""
-        return {
-            "labels": [p.to_dict() for p in self.prompts],
-            "model": self.model,
-            "shape": list(self.labelmap.shape),
-            "affine": np.asarray(self.affine).tolist(),
-            "seconds": round(self.seconds, 2),
-            "warnings": list(self.warnings),
-            "heatmap": "CAS complexity in [0, 1]: 1 = the model found the region hard / uncertain",
-        }
-
-    def table(self) -> str:
-        """One line per prompt: label, prompt, structure, ml, confidence, found (or why not)."""
-        lines = [f"{'label':>5}  {'prompt':<24} {'structure':<22} {'ml':>9} {'confidence':>10}  found"]
-        for p in self.prompts:
-            lines.append(
-                f"{p.label:>5}  {p.prompt[:24]:<24} {(p.structure or 'open vocabulary')[:22]:<22} "
-                f"{p.volume_ml:>9.1f} {p.confidence:>10.2f}  {'yes' if p.found else 'NOT FOUND: ' + p.note}"
-            )
-        return "\n".join(lines)
-
-
 class Segmenter:
     """A loaded model, kept warm: load once, segment many volumes with any prompts."""
 
@@ -116,6 +55,11 @@ class Segmenter:
         self.device = device
         self.model_path = model_path
         self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"])
+        # Colours are presentation: the installed vocabulary's (Slicer's terminology colours) win
+        # over those a model file was exported with, so Slicer, previews and sidecars agree.
+        self.colors = {s.name: tuple(s.color) for s in self.vocabulary}
+        with contextlib.suppress(VoilaError):
+            self.colors.update({s.name: tuple(s.color) for s in Vocabulary.load()})
         self.preprocessing = PreprocessingConfig.from_dict(self.card["preprocessing"])
         self.classes: list[str] = list(self.card["classes"])
         self.template = self.card.get("prompt_template", DEFAULT_TEMPLATE)
@@ -309,7 +253,7 @@ class Segmenter:
                     trained=p.trained,
                     snomed=dict(structure.terminology) if structure else None,
                     snomed_code=structure.snomed_code if structure else None,
-                    color=p.color,
+                    color=self.colors.get(structure.name, p.color) if structure else p.color,
                     confidence=round(confidence, 4),
                     voxels=0,
                     volume_ml=0.0,

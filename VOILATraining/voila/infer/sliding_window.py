@@ -119,10 +119,33 @@ def top_two(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return winner, probability, runner_up
 
 
+Region = tuple  # tuple[slice, slice, slice] of the model grid
+
+
+@dataclass
+class GridEncoding:
+    """Blended voxel tokens of a ``region`` of the model grid: ``tokens`` float16 ``(M, d, h, w)``
+    and ``heatmap`` float32 ``(d, h, w)`` in [0, 1] (or None), on the CPU. float16 halves the
+    memory of keeping a volume encoded; the tokens are in [-1, 1], where float16 resolves 1e-3."""
+
+    tokens: torch.Tensor
+    heatmap: torch.Tensor | None
+    region: Region
+    windows: int
+
+    @property
+    def nbytes(self) -> int:
+        heat = 0 if self.heatmap is None else self.heatmap.numel() * self.heatmap.element_size()
+        return self.tokens.numel() * self.tokens.element_size() + heat
+
+
+def full_region(shape: Sequence[int]) -> Region:
+    return tuple(slice(0, int(n)) for n in shape)
+
+
 @torch.no_grad()
-def predict_grid(
+def encode_grid(
     model: torch.nn.Module,
-    class_embeddings: torch.Tensor,
     image: torch.Tensor,
     patch_size: Sequence[int],
     overlap: float = 0.5,
@@ -132,18 +155,20 @@ def predict_grid(
     cancel: threading.Event | None = None,
     heatmap: bool = True,
     sw_batch_size: int = 1,
-) -> GridPrediction:
-    """Segment a preprocessed CT ``image`` ``(1, D, H, W)`` on the model grid.
+    region: Region | None = None,
+) -> GridEncoding:
+    """Voxel tokens (and the CAS heatmap) of a preprocessed CT ``image`` ``(1, D, H, W)``, by MONAI
+    sliding windows with Gaussian blending; only the windows of ``region`` (default: all) run.
 
-    ``class_embeddings`` ``(N, M)``: the competing classes (row 0 background). ``progress`` is
-    called with the fraction of windows done; ``cancel`` is checked between windows and chunks
+    ``progress`` is called with the fraction of windows done; ``cancel`` is checked between windows
     (raises :class:`voila.Cancelled`).
     """
     device = torch.device(device)
     patch_size = tuple(int(p) for p in patch_size)
+    region = region or full_region(image.shape[1:])
+    image = image[(slice(None), *region)]
     spatial = tuple(image.shape[1:])
-    voxels = spatial[0] * spatial[1] * spatial[2]
-    token_dim = class_embeddings.shape[1]
+    token_dim = int(model.config.token_dim)
     buffer_dtype = blending_dtype(token_dim + 2, spatial)
     total = count_windows(spatial, patch_size, overlap)
     done = 0
@@ -172,7 +197,33 @@ def predict_grid(
         return blended_channels
 
     blended = blend_windows(image, predictor, patch_size, overlap, buffer_dtype, device, sw_batch_size)
-    tokens = blended[:token_dim].reshape(token_dim, -1)
+    tokens = blended[:token_dim].to(torch.float16)
+    if not bool(torch.isfinite(tokens).all()):
+        raise broken_model_error("voxel tokens")
+    complexity = None
+    if heatmap:
+        complexity = blended[token_dim].float()
+        if not bool(torch.isfinite(complexity).all()):
+            raise broken_model_error("complexity heatmap")
+        complexity.clamp_(0, 1)
+    return GridEncoding(tokens, complexity, region, total)
+
+
+@torch.no_grad()
+def classify_tokens(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    device: str | torch.device = "cpu",
+    cancel: threading.Event | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens ``(M, ...)`` against class embeddings ``(N, M)`` in chunks: winning row, its
+    probability and the runner-up, each shaped like the tokens' spatial part. One ``(V × M) ·
+    (M × N)`` product per chunk: no ``(N, ...)`` map ever exists, and a class more costs a row."""
+    device = torch.device(device)
+    spatial = tuple(tokens.shape[1:])
+    flat = tokens.reshape(tokens.shape[0], -1)
+    voxels = flat.shape[1]
     embeddings = class_embeddings.to(device=device, dtype=torch.float32)
     labels = torch.empty(voxels, dtype=torch.int64)
     probability = torch.empty(voxels, dtype=torch.float32)
@@ -180,20 +231,34 @@ def predict_grid(
     for start in range(0, voxels, CHUNK_VOXELS):
         if cancel is not None and cancel.is_set():
             raise Cancelled("segmentation cancelled")
-        chunk = tokens[:, start : start + CHUNK_VOXELS].t().to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(chunk).all()):
-            raise broken_model_error("voxel tokens")
+        chunk = flat[:, start : start + CHUNK_VOXELS].t().to(device=device, dtype=torch.float32)
         winner, winner_probability, second = top_two(model.logits(chunk, embeddings).float())
         end = start + chunk.shape[0]
         labels[start:end] = winner.cpu()
         probability[start:end] = winner_probability.cpu()
         runner_up[start:end] = second.cpu()
-    complexity = None
-    if heatmap:
-        complexity = blended[token_dim].float()
-        if not bool(torch.isfinite(complexity).all()):
-            raise broken_model_error("complexity heatmap")
-        complexity.clamp_(0, 1)
-    return GridPrediction(
-        labels.view(spatial), probability.view(spatial), runner_up.view(spatial), complexity
+    return labels.view(spatial), probability.view(spatial), runner_up.view(spatial)
+
+
+@torch.no_grad()
+def predict_grid(
+    model: torch.nn.Module,
+    class_embeddings: torch.Tensor,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+    heatmap: bool = True,
+    sw_batch_size: int = 1,
+) -> GridPrediction:
+    """Segment a preprocessed CT ``image`` ``(1, D, H, W)`` on the model grid:
+    :func:`encode_grid` then :func:`classify_tokens` against ``class_embeddings`` ``(N, M)``
+    (row 0 background)."""
+    encoding = encode_grid(
+        model, image, patch_size, overlap, device, amp_dtype, progress, cancel, heatmap, sw_batch_size
     )
+    labels, probability, runner_up = classify_tokens(model, encoding.tokens, class_embeddings, device, cancel)
+    return GridPrediction(labels, probability, runner_up, encoding.heatmap)

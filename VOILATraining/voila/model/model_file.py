@@ -138,7 +138,7 @@ def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has model-file format {version}, newer than this voila understands ({FORMAT_VERSION}); "
-            "upgrade voila (pip install -U voila-seg)"
+            "update VOILA (in Slicer: the extension, via the Extensions Manager; elsewhere: pip install -U from the VOILA repository)"
         )
     for key in ("model", "classes", "preprocessing", "text_encoder"):
         if key not in card:

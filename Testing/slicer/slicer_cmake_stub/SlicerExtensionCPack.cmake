@@ -1,0 +1,1 @@
+# Stand-in: Slicer configures CPack for the extension package here; `cmake --install` is enough.
