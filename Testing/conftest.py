@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests never read or fill the user's own cache folder (text embeddings): one of their own, per run.
+os.environ["VOILA_CACHE"] = tempfile.mkdtemp(prefix="voila-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCES = REPO / "Resources"

@@ -50,6 +50,9 @@ COMMON_STRUCTURES = (
 CUSTOM_MODEL = "custom"
 
 POLL_INTERVAL_MS = 200
+# A placed or moved point, or a changed box, re-segments this long after the last change, so a
+# drag or a quick series of clicks costs one run, not one per mouse event.
+REFINE_DELAY_MS = 300
 
 
 class VOILASegmenter(ScriptedLoadableModule):
@@ -66,6 +69,10 @@ left kidney</i>). Names of structures the model was trained on are matched to th
 prompt. Each found structure becomes a segment with standard colour and DICOM/SNOMED terminology.
 The <b>complexity heatmap</b> shows where the model found classification hard: review those regions
 first.<br><br>
+<b>Refine with clicks</b>: choose a structure, then place <i>Inside</i> points on it, <i>Outside</i>
+points on what it must leave out (their labels start with "-"), or a <i>Box</i> it must stay in.
+Any name works with a click. Each change re-segments in about a second, from the encoding the
+worker keeps of the last volumes.<br><br>
 Train a model on your own labelled CTs from the Python console:
 <pre>
 import voila
@@ -123,6 +130,14 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollJob)
+        self._refineTimer = qt.QTimer()
+        self._refineTimer.setSingleShot(True)
+        self._refineTimer.setInterval(REFINE_DELAY_MS)
+        self._refineTimer.connect("timeout()", self.onRefine)
+        self._refineQueued = False  # a change came during a run: one re-run when it ends
+        self._jobRefines = False  # the running job came from clicks: errors go to the status line
+        self._observedVolume = None
+        self._lastSpatialPrompts = None  # (volume ID, points, boxes) of the last run started
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -154,6 +169,10 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.heatmapColorTableComboBox.connect(
             "currentNodeChanged(vtkMRMLNode*)", self.onHeatmapColorChanged
         )
+        self.ui.insidePointButton.connect("clicked()", self.onInsidePoint)
+        self.ui.outsidePointButton.connect("clicked()", self.onOutsidePoint)
+        self.ui.boxButton.connect("clicked()", self.onBox)
+        self.ui.clearClicksButton.connect("clicked()", self.onClearClicks)
 
         self._setUpLibraries()
         self.initializeParameterNode()
@@ -231,6 +250,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._refineTimer.stop()
         if self.job is not None:
             self.job.cancel()
         if self.logic is not None:
@@ -249,6 +269,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self.job is not None:
             self.job.cancel()
+        self._refineTimer.stop()
+        self._observeMarkups(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -309,6 +331,115 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.heatmapColorTableComboBox.blockSignals(True)
             self.ui.heatmapColorTableComboBox.setCurrentNode(heatmap.GetDisplayNode().GetColorNode())
             self.ui.heatmapColorTableComboBox.blockSignals(wasBlocked)
+        self._updateRefineGui()
+
+    # --- refine with clicks ----------------------------------------------------------------------
+
+    def _updateRefineGui(self) -> None:
+        """The structure chooser lists the typed structures; a new input volume's points and boxes
+        are watched (what is already placed there counts as run, so only changes re-segment)."""
+        node = self._parameterNode
+        volume = node.inputVolume if node else None
+        if not self._librariesReady:
+            volume = None
+        if volume is not self._observedVolume:
+            self._observeMarkups(volume)
+            self._lastSpatialPrompts = self._spatialPromptsNow()
+        from_text = []
+        if self._librariesReady and node:
+            from voila.prompts import split_prompts
+
+            from_text = split_prompts(node.prompts)
+        combo = self.ui.refinePromptComboBox
+        if [combo.itemText(index) for index in range(combo.count)] != from_text:
+            current = combo.currentText
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(from_text)
+            combo.setCurrentIndex(max(combo.findText(current), 0))
+            combo.blockSignals(wasBlocked)
+        ready = volume is not None and combo.count > 0
+        for button in (
+            self.ui.insidePointButton,
+            self.ui.outsidePointButton,
+            self.ui.boxButton,
+            self.ui.clearClicksButton,
+        ):
+            button.enabled = ready
+
+    def _observeMarkups(self, volume) -> None:
+        """Watch every VOILA point list and box of ``volume`` (and nothing else)."""
+        self.removeObservers(self.onMarkupsChanged)
+        self._observedVolume = volume
+        if volume is None or self.logic is None:
+            return
+        events = (
+            slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+            slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+            slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+            vtk.vtkCommand.ModifiedEvent,  # an ROI's centre or size
+        )
+        for markups in self.logic.voilaMarkups(volume):
+            for event in events:
+                self.addObserver(markups, event, self.onMarkupsChanged)
+
+    def _spatialPromptsNow(self):
+        node = self._parameterNode
+        if self.logic is None or not node or not node.inputVolume:
+            return None
+        points, boxes = self.logic.spatialPrompts(node.inputVolume, node.prompts)
+        return node.inputVolume.GetID(), points, boxes
+
+    def _refineTarget(self):
+        """``(volume, structure)`` the refine buttons act on, or ``(None, None)``."""
+        node = self._parameterNode
+        prompt = self.ui.refinePromptComboBox.currentText.strip()
+        if self.logic is None or not node or not node.inputVolume or not prompt:
+            return None, None
+        return node.inputVolume, prompt
+
+    def onInsidePoint(self) -> None:
+        self._placePoints(excluding=False)
+
+    def onOutsidePoint(self) -> None:
+        self._placePoints(excluding=True)
+
+    def _placePoints(self, excluding: bool) -> None:
+        volume, prompt = self._refineTarget()
+        if volume is None:
+            return
+        self.logic.placePoints(volume, prompt, excluding=excluding)
+        self._observeMarkups(volume)
+
+    def onBox(self) -> None:
+        volume, prompt = self._refineTarget()
+        if volume is None:
+            return
+        self.logic.placeBox(volume, prompt)
+        self._observeMarkups(volume)
+
+    def onClearClicks(self) -> None:
+        volume, prompt = self._refineTarget()
+        if volume is None:
+            return
+        self.logic.clearPromptMarkups(volume, prompt)
+        self._observeMarkups(volume)
+        self._refineTimer.start()
+
+    def onMarkupsChanged(self, caller=None, event=None) -> None:
+        self._refineTimer.start()  # (re)starts: one run once the changes pause
+
+    def onRefine(self) -> None:
+        """Re-segment with the points and boxes as they are now; never a second run at once."""
+        if self.job is not None:
+            self._refineQueued = True
+            return
+        node = self._parameterNode
+        if not self._librariesReady or not node or not node.inputVolume or not node.prompts.strip():
+            return
+        if self._spatialPromptsNow() == self._lastSpatialPrompts:
+            return  # e.g. the preview point that follows the mouse moved: nothing was placed
+        self._run(refining=True)
 
     # --- prompts ---------------------------------------------------------------------------------
 
@@ -461,11 +592,20 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self._ensureDependencies():
             return
+        self._run(refining=False)
+
+    def _run(self, refining: bool) -> None:
+        """Start a run (the model's download first, when needed and agreed). A run started by
+        clicks (``refining``) reports problems in the status line, not in a dialog that would
+        interrupt placing points."""
         from voila.errors import VoilaError
 
         try:
             modelPath, downloadRequest = self._modelToRun()
             if downloadRequest is not None:
+                if refining:
+                    self.ui.statusLabel.text = _("Press Segment first: the chosen model must be downloaded.")
+                    return
                 if not self._askDownload():
                     self.ui.statusLabel.text = _("The model was not downloaded; choose another model.")
                     return
@@ -475,8 +615,12 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._startSegmentation(modelPath)
         except (VoilaError, ValueError) as error:
-            slicer.util.errorDisplay(str(error))
+            if refining:
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
+            else:
+                slicer.util.errorDisplay(str(error))
             return
+        self._jobRefines = refining
         self.ui.progressBar.value = 0
         self.ui.progressBar.setVisible(True)
         self.ui.statusLabel.text = _("Starting...")
@@ -486,6 +630,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startSegmentation(self, modelPath) -> None:
         node = self._parameterNode
         self._segmentAfterDownload = False
+        spatial = self._spatialPromptsNow()
+        points, boxes = spatial[1:] if spatial else ({}, {})
         self.job = self.logic.process(
             node.inputVolume,
             node.prompts,
@@ -499,7 +645,10 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             computeHeatmap=node.showHeatmap,  # the heatmap costs about a third of a run: only when shown
             showHeatmap=node.showHeatmap,
             heatmapOpacity=node.heatmapOpacity,
+            points=points,
+            boxes=boxes,
         )
+        self._lastSpatialPrompts = spatial
 
     def onProgress(self, fraction: float, stage: str) -> None:
         self.ui.progressBar.value = int(fraction * 1000)
@@ -520,6 +669,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from voila.errors import Cancelled, VoilaError
 
+        refining = self._jobRefines
         try:
             outcome = job.poll()
         except Cancelled:
@@ -527,12 +677,14 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         except VoilaError as error:
             self._jobEnded(_("Failed: {error}").format(error=error))
-            slicer.util.errorDisplay(str(error))
+            if not refining:
+                slicer.util.errorDisplay(str(error))
             return
         except Exception as error:
             logging.exception("VOILA segmentation failed")
             self._jobEnded(_("Failed: {error}").format(error=error))
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+            if not refining:
+                slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
             return
         if outcome is None:
             return
@@ -553,15 +705,27 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if outcome.messages:
             message += " " + "; ".join(outcome.messages)
+        memory = self.logic.encodingMemory
+        if memory is not None and memory.volumes:
+            kept = (
+                _("1 volume kept encoded ({size} MB).")
+                if memory.volumes == 1
+                else _("{count} volumes kept encoded ({size} MB).")
+            )
+            message += " " + kept.format(count=memory.volumes, size=round(memory.bytes / 1e6))
         self._jobEnded(message)
         self._showResults(outcome)
 
     def _jobEnded(self, message: str) -> None:
         self._timer.stop()
         self.job = None
+        self._jobRefines = False
         self.ui.progressBar.setVisible(False)
         self.ui.statusLabel.text = message
         self._updateGui()
+        if self._refineQueued:  # points changed during the run: one more, with them as they are now
+            self._refineQueued = False
+            self._refineTimer.start()
 
     def _showResults(self, outcome) -> None:
         table = self.ui.resultsTableWidget

@@ -16,6 +16,17 @@ caller's thread, by ``poll()``/``finish()``, and only after a successful, uncanc
 cancelled or failed run leaves the scene as it was. Nothing the user had is overwritten: the
 heatmap goes only into a volume VOILA created, and a re-run replaces only the segments VOILA
 wrote that the user has not edited since.
+
+Clicks and boxes refine a prompt: each prompt has one point list (``VOILA points: <prompt>``;
+a point labelled ``-...`` excludes, :data:`mrml_io.EXCLUDING_LABEL_PREFIX`) and one ROI (``VOILA
+box: <prompt>``) per input volume, found by their tags whatever the user renames them to.
+:meth:`VOILASegmenterLogic.spatialPrompts` turns them into ``points``/``boxes`` for
+:meth:`VOILASegmenterLogic.process`. The worker keeps the encodings of the last volumes, so a run on
+a volume it has seen takes about a second; :attr:`VOILASegmenterLogic.encodingMemory` says what
+it holds.
+
+    points, boxes = logic.spatialPrompts(ctNode, "my organ")
+    logic.process(ctNode, "my organ", outputSegmentation=None, points=points, boxes=boxes)
 """
 
 from __future__ import annotations
@@ -35,6 +46,12 @@ except ImportError:  # slicer-core (tests, batch scripts): MRML without the appl
 from VOILASegmenterLib import mrml_io
 
 ProgressCallback = Callable[[float, str], None]
+
+POINTS_NAME = "VOILA points: {prompt}"
+BOX_NAME = "VOILA box: {prompt}"
+# Node reference from a prompt's markups to the volume they were placed on: clicks on one CT are
+# never sent with another (a reference, unlike an attribute, follows node IDs when a scene loads).
+VOLUME_REFERENCE_ROLE = "VOILA.Volume"
 
 
 class JobAlreadyRunningError(VoilaError):
@@ -74,6 +91,24 @@ class SegmentationOutcome:
         return [record.prompt for record in self.segments if not record.found]
 
 
+@dataclass
+class PromptMarkups:
+    """A prompt's point list and ROI on one volume (``None`` where there is none yet)."""
+
+    prompt: str
+    points: Any = None
+    box: Any = None
+
+
+@dataclass(frozen=True)
+class EncodingMemory:
+    """What the worker holds besides the models: the encodings (voxel tokens) of ``volumes``
+    volumes, ``bytes`` in all, reported after each segmentation."""
+
+    volumes: int
+    bytes: int
+
+
 def parse_prompts(prompts) -> list[str]:
     """Prompt texts from a list or from text separated by commas, semicolons or line breaks
     (:func:`voila.prompts.split_prompts`); checked, so an empty field fails before any work."""
@@ -84,6 +119,44 @@ def parse_prompts(prompts) -> list[str]:
         raise PromptError("type at least one structure name, for example 'liver, spleen, left kidney'")
     check_prompts(texts)
     return texts
+
+
+def _with_spatial_prompts(prompts, points: dict, boxes: dict) -> list[str]:
+    """The typed prompts plus any prompt named only by points or a box (as the engine adds them),
+    so that "click + any name" needs no typing twice."""
+    from voila.prompts import split_prompts
+
+    texts = split_prompts(prompts or [])
+    known = {text.casefold() for text in texts}
+    for name in (*points, *boxes):
+        if " ".join(str(name).split()).casefold() not in known:
+            texts.append(str(name))
+            known.add(" ".join(str(name).split()).casefold())
+    return texts
+
+
+def _json_points(points: Optional[dict]) -> dict:
+    """``{prompt: [((R, A, S), positive), ...]}`` as JSON for the worker."""
+    try:
+        return {
+            str(prompt): [[[float(c) for c in position], bool(positive)] for position, positive in clicks]
+            for prompt, clicks in (points or {}).items()
+        }
+    except (TypeError, ValueError) as error:
+        raise PromptError(
+            f"points must be {{prompt: [((R, A, S), positive), ...]}} in mm ({error})"
+        ) from None
+
+
+def _json_boxes(boxes: Optional[dict]) -> dict:
+    """``{prompt: ((R1, A1, S1), (R2, A2, S2))}`` as JSON for the worker."""
+    try:
+        return {
+            str(prompt): [[float(c) for c in corner] for corner in corners]
+            for prompt, corners in (boxes or {}).items()
+        }
+    except (TypeError, ValueError) as error:
+        raise PromptError(f"boxes must be {{prompt: ((R1, A1, S1), (R2, A2, S2))}} in mm ({error})") from None
 
 
 def _segment_key(prompt) -> str:
@@ -222,6 +295,8 @@ class SegmentationJob(WorkerTask):
                 "device": request["device"],
                 "overlap": request["overlap"],
                 "heatmap": request["computeHeatmap"],
+                "points": request["points"],
+                "boxes": request["boxes"],
             },
             {"image": request["image"]},
         )
@@ -236,6 +311,10 @@ class SegmentationJob(WorkerTask):
         from voila.infer.results import SegmentationResult
 
         arrays = reply["arrays"]
+        if "encodings_kept" in reply["result"]:
+            self._logic._encodingMemory = EncodingMemory(
+                int(reply["result"]["encodings_kept"]), int(reply["result"].get("encodings_bytes", 0))
+            )
         result = SegmentationResult.from_dict(reply["result"], arrays["labelmap"], arrays.get("heatmap"))
         self._reportStage(0.97, "Writing segments")
         return self._logic._apply(self._request, result, self.elapsedSeconds)
@@ -255,6 +334,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         self._python = python
         self._worker = None
         self._job: Optional[SegmentationJob] = None
+        self._encodingMemory: Optional[EncodingMemory] = None
         self.defaultModelPath = defaultModelPath
         self.defaultDevice = defaultDevice
 
@@ -271,6 +351,14 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
     def job(self) -> Optional[SegmentationJob]:
         """The running job, if any."""
         return self._job
+
+    @property
+    def encodingMemory(self) -> Optional[EncodingMemory]:
+        """The encodings the worker kept after the last segmentation; ``None`` before one, or once
+        the worker is gone (a new worker starts with none)."""
+        if self._worker is None or not self._worker.alive:
+            return None
+        return self._encodingMemory
 
     def shutdown(self) -> None:
         """Stop the worker process (it frees the models' memory); the next run starts a new one."""
@@ -323,6 +411,8 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         computeHeatmap: bool = True,
         showHeatmap: bool = True,
         heatmapOpacity: float = 0.4,
+        points: Optional[dict] = None,
+        boxes: Optional[dict] = None,
     ):
         """Segment ``prompts`` in ``inputVolume`` into ``outputSegmentation`` (created when ``None``).
 
@@ -332,6 +422,13 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         to the edited segment) and leaves other segments alone. The complexity heatmap goes into
         ``heatmapVolume`` (created when ``None``; only a volume VOILA created is accepted) on the
         input grid. ``progress(fraction, stage)`` is always called on the caller's thread.
+
+        ``points`` ``{prompt: [((R, A, S), positive), ...]}`` and ``boxes`` ``{prompt: ((R1, A1, S1),
+        (R2, A2, S2))}`` (world RAS mm; see :meth:`spatialPrompts`) refine their prompts: a
+        positive point selects what the prompt means and keeps its connected region, a negative
+        one carves its surroundings out, a box keeps the prompt inside it. A prompt named only
+        there is added ("click + any name"). On a volume the worker encoded recently, this takes
+        about a second.
 
         Returns a :class:`SegmentationOutcome`, or with ``waitForCompletion=False`` a started
         :class:`SegmentationJob`.
@@ -350,7 +447,9 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
             "inputShape": image.shape,
             "image": image,
             "affine": affine,
-            "prompts": parse_prompts(prompts),
+            "prompts": parse_prompts(_with_spatial_prompts(prompts, points or {}, boxes or {})),
+            "points": _json_points(points),
+            "boxes": _json_boxes(boxes),
             "outputSegmentation": outputSegmentation,
             "heatmapVolume": heatmapVolume,
             "modelPath": modelPath or self.defaultModelPath,
@@ -370,6 +469,116 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         if waitForCompletion:
             return job.finish()
         return job
+
+    # -- clicks and boxes ------------------------------------------------------------------------
+
+    def voilaMarkups(self, inputVolume) -> list:
+        """Every point list and ROI of VOILA's prompts placed on ``inputVolume``."""
+        scene = inputVolume.GetScene() if inputVolume is not None else None
+        if scene is None:
+            return []
+        found = []
+        for className in ("vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"):
+            for index in range(scene.GetNumberOfNodesByClass(className)):
+                node = scene.GetNthNodeByClass(index, className)
+                if node.GetAttribute(mrml_io.PROMPT_TAG) is not None and (
+                    node.GetNodeReferenceID(VOLUME_REFERENCE_ROLE) == inputVolume.GetID()
+                ):
+                    found.append(node)
+        return found
+
+    def promptMarkups(self, inputVolume, prompt: str) -> PromptMarkups:
+        """``prompt``'s point list and ROI on ``inputVolume`` (spelling of spaces and case aside)."""
+        prompt = " ".join(str(prompt).split())
+        markups = PromptMarkups(prompt)
+        for node in self.voilaMarkups(inputVolume):
+            if " ".join(node.GetAttribute(mrml_io.PROMPT_TAG).split()).casefold() != prompt.casefold():
+                continue
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                if markups.box is None:
+                    markups.box = node
+            elif markups.points is None:
+                markups.points = node
+        return markups
+
+    def promptPointList(self, inputVolume, prompt: str):
+        """``prompt``'s point list on ``inputVolume``, created (empty) when there is none."""
+        existing = self.promptMarkups(inputVolume, prompt).points
+        if existing is not None:
+            return existing
+        pointList = self._newMarkups("vtkMRMLMarkupsFiducialNode", POINTS_NAME, inputVolume, prompt)
+        pointList.SetControlPointLabelFormat(mrml_io.INCLUDING_LABEL_FORMAT)
+        return pointList
+
+    def promptBox(self, inputVolume, prompt: str):
+        """``prompt``'s ROI on ``inputVolume``, created (not placed) when there is none."""
+        existing = self.promptMarkups(inputVolume, prompt).box
+        if existing is not None:
+            return existing
+        return self._newMarkups("vtkMRMLMarkupsROINode", BOX_NAME, inputVolume, prompt)
+
+    def _newMarkups(self, className: str, nameFormat: str, inputVolume, prompt: str):
+        prompt = " ".join(str(prompt).split())
+        scene = inputVolume.GetScene()
+        node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(nameFormat.format(prompt=prompt)))
+        node.CreateDefaultDisplayNodes()
+        node.SetAttribute(mrml_io.PROMPT_TAG, prompt)
+        node.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, inputVolume.GetID())
+        # under the volume's transform, like its segments: moving the volume moves its clicks too
+        node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+        mrml_io.place_next_to(node, inputVolume)
+        return node
+
+    def placePoints(self, inputVolume, prompt: str, excluding: bool = False):
+        """Start placing ``prompt``'s points in the views (Slicer's persistent place mode on its
+        point list): inside points, or with ``excluding`` outside points, labelled by the
+        convention of :data:`mrml_io.EXCLUDING_LABEL_PREFIX`. Returns the point list."""
+        pointList = self.promptPointList(inputVolume, prompt)
+        _startPlaceMode(
+            pointList,
+            persistent=True,
+            labelFormat=mrml_io.EXCLUDING_LABEL_FORMAT if excluding else mrml_io.INCLUDING_LABEL_FORMAT,
+        )
+        return pointList
+
+    def placeBox(self, inputVolume, prompt: str):
+        """Show ``prompt``'s box for editing, or start placing it (two opposite corners) when it
+        has none. Returns the ROI."""
+        roi = self.promptBox(inputVolume, prompt)
+        roi.SetDisplayVisibility(True)
+        if mrml_io.box_from_roi(roi) is None:
+            _startPlaceMode(roi, persistent=False)
+        return roi
+
+    def clearPromptMarkups(self, inputVolume, prompt: str) -> None:
+        """Remove ``prompt``'s points and box on ``inputVolume`` (its next run is text only). The
+        point list stays, empty, with its label format; the ROI goes, so the next box is placed
+        afresh (an emptied box ROI would accept only one control point)."""
+        markups = self.promptMarkups(inputVolume, prompt)
+        if markups.points is not None:
+            markups.points.RemoveAllControlPoints()
+        if markups.box is not None:
+            markups.box.GetScene().RemoveNode(markups.box)
+
+    def spatialPrompts(self, inputVolume, prompts) -> tuple[dict, dict]:
+        """``(points, boxes)`` for :meth:`process` from what is placed for ``prompts`` (a list or
+        typed text) on ``inputVolume``: ``{prompt: [((R, A, S), positive), ...]}`` and ``{prompt:
+        ((R1, A1, S1), (R2, A2, S2))}`` in world RAS mm; prompts with nothing placed are left out."""
+        from voila.prompts import split_prompts
+
+        points: dict = {}
+        boxes: dict = {}
+        if inputVolume is None or inputVolume.GetScene() is None:
+            return points, boxes
+        for prompt in split_prompts(prompts or []):
+            markups = self.promptMarkups(inputVolume, prompt)
+            clicks = mrml_io.points_from_markups(markups.points) if markups.points is not None else []
+            if clicks:
+                points[prompt] = clicks
+            box = mrml_io.box_from_roi(markups.box) if markups.box is not None else None
+            if box is not None:
+                boxes[prompt] = box
+        return points, boxes
 
     def _jobFinished(self, job: SegmentationJob) -> None:
         if self._job is job:
@@ -472,6 +681,26 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         finally:
             segmentationNode.EndModify(wasModifying)
         return records
+
+
+def _startPlaceMode(markupsNode, persistent: bool, labelFormat: Optional[str] = None) -> None:
+    """Slicer's place mode on ``markupsNode`` through the scene's selection and interaction nodes
+    (what the Markups module's place buttons do), so it works the same from the console."""
+    scene = markupsNode.GetScene()
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    interaction = scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    if selection is None or interaction is None:
+        raise VoilaError("this scene has no selection or interaction node, so points cannot be placed")
+    if labelFormat is not None:
+        # Leave place mode first: Slicer then drops its preview point, labelled with the old format.
+        if interaction.GetCurrentInteractionMode() == interaction.Place:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+        markupsNode.SetControlPointLabelFormat(labelFormat)
+    markupsNode.SetDisplayVisibility(True)
+    selection.SetReferenceActivePlaceNodeClassName(markupsNode.GetClassName())
+    selection.SetReferenceActivePlaceNodeID(markupsNode.GetID())
+    interaction.SetPlaceModePersistence(1 if persistent else 0)
+    interaction.SetCurrentInteractionMode(interaction.Place)
 
 
 def loadTerminology() -> None:

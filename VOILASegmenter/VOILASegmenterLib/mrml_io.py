@@ -38,6 +38,12 @@ PROMPT_TAG = "VOILA.Prompt"
 CONFIDENCE_TAG = "VOILA.Confidence"
 CHECKSUM_TAG = "VOILA.Checksum"  # of the voxels VOILA wrote: a different one means the user edited it
 HEATMAP_ATTRIBUTE = "VOILA.ComplexityHeatmap"
+# A control point whose label starts with this is an excluding ("outside") click; any other label
+# includes. Labels show next to the points in every view and can be edited in the Markups module,
+# so the user sees, and can change, what each click means; they are saved with the scene.
+EXCLUDING_LABEL_PREFIX = "-"
+INCLUDING_LABEL_FORMAT = "+%d"  # Slicer's control point label format (%d: the point's number)
+EXCLUDING_LABEL_FORMAT = EXCLUDING_LABEL_PREFIX + "%d"
 HEATMAP_COLOR_NAME = "VOILA Complexity"
 # The heatmap's colour table is fully transparent up to this value and fully opaque from the next.
 HEATMAP_TRANSPARENT_BELOW = 0.1
@@ -281,6 +287,48 @@ def hide_heatmap(scene, heatmap_node) -> None:
         composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
         if heatmap_node is not None and composite.GetForegroundVolumeID() == heatmap_node.GetID():
             composite.SetForegroundVolumeID(None)
+
+
+def is_excluding_label(label: str) -> bool:
+    """Whether a control point label marks an excluding click (see :data:`EXCLUDING_LABEL_PREFIX`)."""
+    return str(label or "").lstrip().startswith(EXCLUDING_LABEL_PREFIX)
+
+
+def points_from_markups(point_list) -> list[tuple[tuple[float, float, float], bool]]:
+    """The point list's clicks as ``[((R, A, S), positive), ...]`` in world RAS mm (parent
+    transforms applied), the form :meth:`voila.infer.encoding.VolumeEncoding.segment` takes.
+
+    Only placed points count: the preview point that follows the mouse in place mode, and points
+    whose position is undefined or skipped, are not clicks yet. A label starting with
+    :data:`EXCLUDING_LABEL_PREFIX` makes a point excluding.
+    """
+    points = []
+    for index in range(point_list.GetNumberOfControlPoints()):
+        if point_list.GetNthControlPointPositionStatus(index) != point_list.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        point_list.GetNthControlPointPositionWorld(index, position)
+        positive = not is_excluding_label(point_list.GetNthControlPointLabel(index))
+        points.append((tuple(float(c) for c in position), positive))
+    return points
+
+
+def box_from_roi(roi_node) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """The world-axis-aligned box around an ROI as two opposite corners ``((R1, A1, S1), (R2, A2,
+    S2))`` in mm, or None while the ROI has no extent (not placed yet, or cleared).
+
+    The ROI's own rotation and its parent transforms are applied (Slicer's ``GetRASBounds``): the
+    model keeps a prompt inside a world-axis-aligned box, so a rotated ROI keeps it inside the
+    box around the ROI.
+    """
+    if min(roi_node.GetSize()) <= 0.0:
+        return None
+    bounds = [0.0] * 6
+    roi_node.GetRASBounds(bounds)
+    return (
+        (float(bounds[0]), float(bounds[2]), float(bounds[4])),
+        (float(bounds[1]), float(bounds[3]), float(bounds[5])),
+    )
 
 
 def node_in_scene(node) -> bool:

@@ -131,3 +131,48 @@ def resolve_prompts(
         for (text, first), count in repeats.items()
     ]
     return resolved, notes
+
+
+# -- spatial prompts ------------------------------------------------------------------------------
+def parse_spatial(text: str, count: int, what: str) -> tuple[str, tuple[float, ...]]:
+    """``"PROMPT: x, y, z[, ...]"`` → ``(prompt, (x, y, z, ...))`` with ``count`` numbers (world RAS
+    mm, as Slicer shows them)."""
+    prompt, separator, numbers = str(text).rpartition(":")
+    prompt = " ".join(_CONTROL.sub(" ", prompt).split())
+    try:
+        values = tuple(float(v) for v in numbers.replace(";", ",").split(","))
+    except ValueError:
+        values = ()
+    if (
+        not separator
+        or not prompt
+        or len(values) != count
+        or not all(v == v and abs(v) < 1e7 for v in values)
+    ):
+        example = "liver: 12.5,-80,310" if count == 3 else "liver: -60,-150,250,60,-40,350"
+        raise PromptError(
+            f"{what} {text!r} is not 'PROMPT: {','.join('RAS'[i % 3] + str(i // 3 + 1) for i in range(count))}'"
+            f" in mm, e.g. {example!r}"
+        )
+    return prompt, values
+
+
+def points_from_arguments(included: Sequence[str] = (), excluded: Sequence[str] = ()) -> dict[str, list]:
+    """``--point`` / ``--exclude-point`` values → ``{prompt: [((R, A, S), positive), ...]}``."""
+    points: dict[str, list] = {}
+    for texts, positive in ((included, True), (excluded, False)):
+        for text in texts:
+            prompt, position = parse_spatial(text, 3, "the point")
+            points.setdefault(prompt, []).append((position, positive))
+    return points
+
+
+def boxes_from_arguments(texts: Sequence[str] = ()) -> dict[str, tuple]:
+    """``--box`` values → ``{prompt: ((R1, A1, S1), (R2, A2, S2))}``."""
+    boxes = {}
+    for text in texts:
+        prompt, values = parse_spatial(text, 6, "the box")
+        if prompt in boxes:
+            raise PromptError(f"two boxes for {prompt!r}; give one box per prompt")
+        boxes[prompt] = (values[:3], values[3:])
+    return boxes

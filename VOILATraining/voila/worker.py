@@ -29,6 +29,7 @@ exit code, reported in one line, and replaced on the next request.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -40,6 +41,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -52,6 +54,8 @@ EVENTS = "events.jsonl"
 REQUEST = "request.json"
 # progress events are written at most this often (seconds): enough for a progress bar
 PROGRESS_INTERVAL = 0.1
+# Volumes whose encodings a worker keeps (least recently used dropped): the current one and one more.
+ENCODINGS_KEPT = 2
 
 
 class WorkerError(VoilaError):
@@ -320,10 +324,13 @@ class JobContext:
 
 class Handlers:
     """The jobs a worker runs; each takes a :class:`JobContext` and returns a JSON-ready result.
-    Loaded models stay in memory between jobs (one per model file and device)."""
+    Loaded models stay in memory between jobs (one per model file and device), and so do the
+    encodings of the last :data:`ENCODINGS_KEPT` volumes: another prompt, click or box on a volume
+    already encoded is answered from its tokens in about a second."""
 
     def __init__(self) -> None:
         self.segmenters: dict[tuple[str | None, str], Any] = {}
+        self.encodings: OrderedDict[tuple, Any] = OrderedDict()
 
     def segmenter(self, model: str | None, device: str):
         key = (model, device)
@@ -339,21 +346,42 @@ class Handlers:
         segmenter = self.segmenter(request.get("model"), request.get("device", "auto"))
         if job.cancel.is_set():
             raise Cancelled("segmentation cancelled")
-        job.progress(0.02, "Segmenting")
-        result = segmenter.segment(
-            job.load_array("image"),
-            np.asarray(request["affine"], dtype=np.float64),
-            request["prompts"],
-            heatmap=bool(request.get("heatmap", True)),
-            progress=lambda fraction: job.progress(0.02 + 0.93 * fraction, "Segmenting"),
-            cancel=job.cancel,
-            overlap=float(request.get("overlap", 0.5)),
-        )
+        image = job.load_array("image")
+        affine = np.asarray(request["affine"], dtype=np.float64)
+        heatmap = bool(request.get("heatmap", True))
+        overlap = float(request.get("overlap", 0.5))
+        points = {
+            p: [(tuple(xyz), bool(positive)) for xyz, positive in clicks]
+            for p, clicks in (request.get("points") or {}).items()
+        }
+        boxes = {p: (tuple(a), tuple(b)) for p, (a, b) in (request.get("boxes") or {}).items()}
+        key = (request.get("model"), request.get("device"), overlap, _fingerprint(image, affine))
+        encoding = self.encodings.get(key)
+        if encoding is None or (heatmap and encoding.encoded.heatmap is None):
+            job.progress(0.02, "Segmenting")
+            encoding = segmenter.encode(
+                image,
+                affine,
+                heatmap=heatmap,
+                progress=lambda fraction: job.progress(0.02 + 0.93 * fraction, "Segmenting"),
+                cancel=job.cancel,
+                overlap=overlap,
+            )
+            self.encodings[key] = encoding
+            while len(self.encodings) > ENCODINGS_KEPT:
+                self.encodings.popitem(last=False)  # the least recently used volume goes
+        self.encodings.move_to_end(key)
+        job.progress(0.95, "Answering the prompts")
+        result = encoding.segment(request["prompts"], points=points, boxes=boxes, heatmap=heatmap)
         job.progress(0.97, "Sending the result")
         job.save_array("labelmap", result.labelmap)
         if result.heatmap is not None:
             job.save_array("heatmap", result.heatmap)
-        return result.to_dict()
+        return dict(
+            result.to_dict(),
+            encodings_kept=len(self.encodings),
+            encodings_bytes=sum(e.nbytes for e in self.encodings.values()),
+        )
 
     def train(self, job: JobContext) -> dict[str, Any]:
         import voila
@@ -379,6 +407,14 @@ class Handlers:
             cancel=job.cancel,
         )
         return {"path": str(path)}
+
+
+def _fingerprint(image: np.ndarray, affine: np.ndarray) -> str:
+    """What makes two volumes the same: voxels, their type and shape, and the grid."""
+    digest = hashlib.sha1(np.ascontiguousarray(image).view(np.uint8))
+    digest.update(f"{image.dtype}{image.shape}".encode("ascii"))
+    digest.update(np.round(np.asarray(affine, dtype=np.float64), 6).tobytes())
+    return digest.hexdigest()
 
 
 def run_job(handlers: Handlers, folder: Path, op: str, cancel: threading.Event) -> None:

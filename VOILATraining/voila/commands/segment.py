@@ -16,6 +16,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from voila.device import DEVICE_HELP, device_argument
+    from voila.infer.segmenter import SCANS
 
     parser.add_argument("input", help="CT: .nii/.nii.gz/.nrrd file or a DICOM series folder")
     parser.add_argument("-m", "--model", help="VOILA .safetensors model (default: the shipped demo model)")
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-p",
         "--prompt",
         action="append",
-        required=True,
+        default=[],
         metavar="TEXT",
         help="a structure to segment (repeat for several; commas, semicolons and line breaks also separate)",
     )
@@ -34,12 +35,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)"
     )
+    parser.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="PROMPT: R,A,S",
+        help="a click on the structure PROMPT, world RAS mm as Slicer shows them (repeatable; any name works)",
+    )
+    parser.add_argument(
+        "--exclude-point",
+        action="append",
+        default=[],
+        metavar="PROMPT: R,A,S",
+        help="a click on what PROMPT must not include (repeatable)",
+    )
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="PROMPT: R1,A1,S1,R2,A2,S2",
+        help="keep PROMPT inside this box (two opposite corners, RAS mm); only its windows are computed",
+    )
+    parser.add_argument(
+        "--scan",
+        choices=SCANS,
+        default="full",
+        help="full (default): every window; zoom: a fast pass finds the structures, then full quality "
+        "only there (faster for a few small structures; see BENCHMARKS.md); auto: zoom for a few prompts "
+        "on a large volume without heatmap",
+    )
     parser.add_argument("--series-uid", help="DICOM SeriesInstanceUID when the folder holds several series")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from voila.infer.pipeline import segment_file, sidecar_path
+    from voila.prompts import boxes_from_arguments, points_from_arguments
 
     result = segment_file(
         args.input,
@@ -52,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         series_uid=args.series_uid,
         show_progress=not args.quiet,
+        points=points_from_arguments(args.point, args.exclude_point),
+        boxes=boxes_from_arguments(args.box),
+        scan=args.scan,
     )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

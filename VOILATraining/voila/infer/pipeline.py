@@ -71,10 +71,15 @@ def segment_file(
     series_uid: str | None = None,
     show_progress: bool = True,
     segmenter=None,
+    points=None,
+    boxes=None,
+    scan: str = "full",
 ):
     """Read ``input_path``, segment ``prompts``, write the outputs; returns the
     :class:`~voila.infer.segmenter.SegmentationResult`. ``segmenter``: an already loaded one
-    (kept warm by batch callers), else ``model`` is loaded on ``device``.
+    (kept warm by batch callers), else ``model`` is loaded on ``device``. ``points``, ``boxes``
+    and ``scan``: see :meth:`~voila.infer.segmenter.Segmenter.segment`. The heatmap is computed
+    only when it is written or previewed.
 
     Before any work, every output is checked by :class:`voila.outputs.OutputSet`: none may be the
     input, the model, another output, a folder, or an existing file that an earlier ``voila
@@ -117,7 +122,17 @@ def segment_file(
         bar.update(round(fraction * 100) - bar.n)
 
     try:
-        result = segmenter.segment(image, affine, prompts, heatmap=True, progress=progress, overlap=overlap)
+        result = segmenter.segment(
+            image,
+            affine,
+            prompts,
+            heatmap=bool(heatmap_path or preview_path),
+            progress=progress,
+            overlap=overlap,
+            points=points,
+            boxes=boxes,
+            scan=scan,
+        )
     finally:
         bar.close()
     record = dict(

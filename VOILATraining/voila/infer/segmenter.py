@@ -18,23 +18,25 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from voila import device
 from voila.data.geometry import voxel_spacing, voxel_volume_ml
 from voila.data.io import check_ct
-from voila.data.preprocess import PreprocessingConfig, preprocess_volume, resample_to_grid
+from voila.data.preprocess import PreprocessingConfig, preprocess_volume
 from voila.device import autocast_dtype, resolve_device
-from voila.errors import InputImageError, InsufficientMemoryError, VoilaError
+from voila.errors import InputImageError, InsufficientMemoryError, PromptError, VoilaError
+from voila.infer.encoding import Box, Point, VolumeEncoding, region_of_boxes
 from voila.infer.results import PromptResult, SegmentationResult
-from voila.infer.sliding_window import broken_model_error, predict_grid
+from voila.infer.sliding_window import broken_model_error, classify_tokens, count_windows, encode_grid
 from voila.model.model_file import LoadedModel, load_model
-from voila.model.text_encoder import TextEncoder
-from voila.prompts import ResolvedPrompt, resolve_prompts
-from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary, class_sentence
+from voila.model.text_encoder import TextEncoder, text_encoder_id
+from voila.prompts import ResolvedPrompt, resolve_prompts, split_prompts
+from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary, class_key, class_sentence
 
 # A prompt is "found" only if its region is at least this large and this confident.
 MIN_VOLUME_ML = 0.1
@@ -43,6 +45,13 @@ CONFIDENCE_FLOOR = 0.5
 # not reported as found: it would be that organ under another name.
 STOLEN_FRACTION = 0.5
 BYTES_PER_MODEL_VOXEL = 4 * 34 + 8 * 3 + 4 * 3  # token buffer, labels/runner-up, confidence, image
+SCANS = ("full", "zoom", "auto")
+# Zoom-out-zoom-in: the window overlap of the fast pass, and the margin around what it finds.
+ZOOM_OUT_OVERLAP = 0.0
+ZOOM_MARGIN_MM = 15.0
+# "auto" zooms for at most this many prompts, on volumes of at least this many full-scan windows.
+AUTO_ZOOM_MAX_PROMPTS = 5
+AUTO_ZOOM_MIN_WINDOWS = 8
 
 
 class Segmenter:
@@ -66,7 +75,8 @@ class Segmenter:
         self.patch_size = tuple(self.card["model"]["patch_size"])
         encoder = self.card["text_encoder"]
         self.text_cache.set_encoder_factory(
-            lambda: TextEncoder(encoder["model_name"], encoder.get("pretrained"), device="cpu")
+            lambda: TextEncoder(encoder["model_name"], encoder.get("pretrained"), device="cpu"),
+            encoder_id=text_encoder_id(encoder["model_name"], encoder.get("pretrained")),
         )
         self._lock = threading.Lock()
 
@@ -118,30 +128,151 @@ class Segmenter:
         input_voxels = float(np.prod(shape))
         return int(model_voxels * BYTES_PER_MODEL_VOXEL + input_voxels * (4 + 4 + 2))
 
+    def model_summary(self) -> dict[str, Any]:
+        """What a result's sidecar says about the model."""
+        return {
+            "file": self.model_path.name,
+            "preset": self.card.get("preset"),
+            "description": self.card.get("description", ""),
+            "spacing_mm": list(self.preprocessing.spacing),
+        }
+
+    def encode(
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        heatmap: bool = False,
+        progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
+        overlap: float = 0.5,
+        within: Sequence[Box] | None = None,
+        zoom_prompts: Sequence[str] | None = None,
+    ) -> VolumeEncoding:
+        """Run the network once over ``image`` ``[i, j, k]`` (voxel→RAS ``affine``): its voxel
+        tokens (float16) on the model grid, and the complexity heatmap if asked.
+
+        ``within``: world boxes; only the windows covering them (plus half a patch of context)
+        run. ``zoom_prompts``: zoom-out-zoom-in (:meth:`zoom_out`) finds these structures first
+        and encodes only where they are. ``progress`` receives the fraction done (0..1, mostly
+        windows); ``cancel`` stops the run between windows with :class:`voila.Cancelled`.
+        """
+        started = time.perf_counter()
+        image, affine, notes = self._checked(image, affine, overlap)
+        with self._lock:
+            grid = preprocess_volume(image, affine, self.preprocessing)
+            shape = tuple(grid.image.shape[1:])
+            if zoom_prompts:
+                within = self.zoom_out(grid, zoom_prompts, cancel)
+            region = None
+            if within:
+                margin = [p // 2 for p in self.patch_size]
+                region = region_of_boxes(grid.affine, shape, within, margin)
+                if region is None:
+                    raise PromptError("the boxes lie outside the image; draw them on the structures")
+            encoded = self._encode_grid(grid.image, heatmap, progress, cancel, overlap, region)
+        return VolumeEncoding(
+            self,
+            shape,
+            grid.affine,
+            encoded,
+            tuple(image.shape),
+            affine,
+            notes,
+            time.perf_counter() - started,
+        )
+
     def segment(
         self,
         image: np.ndarray,
         affine: np.ndarray,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | str,
         heatmap: bool = True,
         progress: Callable[[float], None] | None = None,
         cancel: threading.Event | None = None,
         overlap: float = 0.5,
+        points: dict[str, Sequence[Point]] | None = None,
+        boxes: dict[str, Box] | None = None,
+        scan: str = "full",
     ) -> SegmentationResult:
-        """Segment ``image`` ``[i, j, k]`` (voxel→RAS ``affine``) for ``prompts``.
+        """Segment ``image`` ``[i, j, k]`` (voxel→RAS ``affine``) for ``prompts``: exactly
+        ``encode(...).segment(prompts, points, boxes)``, with only the windows that matter run
+        when every prompt has a box, or with ``scan="zoom"``.
 
-        ``progress`` receives the fraction done (0..1, mostly windows); ``cancel`` stops the run
-        between windows with :class:`voila.Cancelled`. Raises :class:`voila.VoilaError`
-        subclasses for unusable input.
+        ``scan``: ``full`` (every window), ``zoom`` (zoom-out-zoom-in: a fast pass finds each
+        prompted structure's extent, then the full-quality windows run only there) or ``auto``
+        (zoom when it pays off: a few prompts, a large volume, no heatmap).
         """
         started = time.perf_counter()
+        if scan not in SCANS:
+            raise PromptError(f"scan must be one of {', '.join(SCANS)}, not {scan!r}")
+        names = split_prompts(prompts) if prompts else []
+        boxed = dict(boxes or {})
+        keys = {class_key(b, self.vocabulary) for b in boxed}
+        every_prompt_boxed = (
+            bool(boxed) and not points and all(class_key(n, self.vocabulary) in keys for n in names)
+        )
+        within = list(boxed.values()) if every_prompt_boxed else None
+        zoom = None
+        if (
+            within is None
+            and not points
+            and self._zoom_pays_off(scan, image, affine, names, heatmap, overlap)
+        ):
+            zoom = names
+        encoding = self.encode(image, affine, heatmap, progress, cancel, overlap, within, zoom)
+        result = encoding.segment(names, points, boxes, heatmap=heatmap)
+        result.seconds = time.perf_counter() - started
+        if progress:
+            progress(1.0)
+        return result
+
+    def _zoom_pays_off(self, scan, image, affine, names, heatmap: bool, overlap: float) -> bool:
+        if scan == "zoom":
+            return bool(names)
+        if scan != "auto" or heatmap or not names or len(names) > AUTO_ZOOM_MAX_PROMPTS:
+            return False
+        spacing = voxel_spacing(affine)
+        grid = np.asarray(np.shape(image)) * spacing / np.asarray(self.preprocessing.spacing)
+        return count_windows(grid, self.patch_size, overlap) >= AUTO_ZOOM_MIN_WINDOWS
+
+    def zoom_out(self, grid, prompts: Sequence[str], cancel=None) -> list[Box] | None:
+        """The zoom-out of zoom-out-zoom-in: the network over the model grid in windows that do not
+        overlap (about an eighth of a full scan's windows at overlap 0.5), and the world box of
+        every prompted structure it finds, widened by :data:`ZOOM_MARGIN_MM`. None (scan
+        everything) when a prompt is not found there.
+
+        SegVol zooms out by resizing the volume to its input; VOILA's convolutional network is
+        trained at one spacing and misses small structures on a grid 2× coarser (the demo model
+        finds no left kidney there; BENCHMARKS.md), so its zoom-out keeps the grid and thins the
+        windows instead.
+        """
+        resolved, _ = self.resolve_prompts(prompts)
+        coarse = self._encode_grid(grid.image, False, None, cancel, ZOOM_OUT_OVERLAP, None)
+        labels, _, _ = classify_tokens(
+            self.model, coarse.tokens, self.class_embeddings(resolved), self.device
+        )
+        boxes = []
+        for row in self.prompt_rows(resolved):
+            # the largest connected part: stray voxels at the seams of non-overlapping windows would
+            # otherwise stretch the box over the whole volume
+            components, count = ndimage.label((labels == row).numpy(), structure=np.ones((3, 3, 3), bool))
+            if count == 0:
+                return None
+            sizes = np.bincount(components.ravel())[1:]
+            where = np.argwhere(components == int(sizes.argmax()) + 1)
+            if len(where) * voxel_volume_ml(grid.affine) < MIN_VOLUME_ML:
+                return None
+            corners = np.stack([where.min(0), where.max(0)]).astype(float)
+            world = (grid.affine @ np.hstack([corners, np.ones((2, 1))]).T).T[:, :3]
+            boxes.append((world.min(0) - ZOOM_MARGIN_MM, world.max(0) + ZOOM_MARGIN_MM))
+        return boxes
+
+    def _checked(self, image, affine, overlap: float):
         image = np.asarray(image)
         affine = np.asarray(affine, dtype=np.float64)
         if not 0 <= overlap < 1:
             raise InputImageError(f"overlap must be in [0, 1), got {overlap}")
         notes = check_ct(image, affine)
-        resolved, duplicate_notes = self.resolve_prompts(prompts)
-        notes += duplicate_notes
         needed, available = self.estimate_memory(image.shape, affine), device.available_memory_bytes()
         if available is not None and needed > available:
             raise InsufficientMemoryError(
@@ -149,51 +280,23 @@ class Segmenter:
                 f"{device.format_bytes(available)} are available; crop the volume to the region of "
                 "interest or use a larger machine"
             )
-        embeddings = self.class_embeddings(resolved)
+        return image, affine, notes
 
-        with self._lock:
-            grid = preprocess_volume(image, affine, self.preprocessing)
-            report = (lambda f: progress(0.02 + 0.93 * f)) if progress else None
-            if progress:
-                progress(0.02)
-            prediction = predict_grid(
-                self.model,
-                embeddings,
-                grid.image,
-                self.patch_size,
-                overlap=overlap,
-                device=self.device,
-                amp_dtype=autocast_dtype(self.device),
-                progress=report,
-                cancel=cancel,
-                heatmap=heatmap,
-            )
-        results, grid_labels = self._prompt_results(resolved, prediction, grid.affine)
-        labelmap = resample_to_grid(grid_labels, grid.affine, image.shape, affine, order=0)
-        voxel_ml = voxel_volume_ml(affine)
-        counts = np.bincount(labelmap.ravel(), minlength=len(results) + 1)
-        for result in results:
-            result.voxels = int(counts[result.label])
-            result.volume_ml = round(result.voxels * voxel_ml, 3)
-        heat = None
-        if prediction.heatmap is not None:
-            heat = resample_to_grid(prediction.heatmap.numpy(), grid.affine, image.shape, affine, order=1)
-            heat = np.clip(heat, 0.0, 1.0).astype(np.float32, copy=False)
+    def _encode_grid(self, grid_image, heatmap, progress, cancel, overlap, region):
+        report = (lambda f: progress(0.02 + 0.93 * f)) if progress else None
         if progress:
-            progress(1.0)
-        return SegmentationResult(
-            labelmap=labelmap,
-            heatmap=heat,
-            affine=affine,
-            prompts=results,
-            model={
-                "file": self.model_path.name,
-                "preset": self.card.get("preset"),
-                "description": self.card.get("description", ""),
-                "spacing_mm": list(self.preprocessing.spacing),
-            },
-            seconds=time.perf_counter() - started,
-            warnings=notes,
+            progress(0.02)
+        return encode_grid(
+            self.model,
+            grid_image,
+            self.patch_size,
+            overlap=overlap,
+            device=self.device,
+            amp_dtype=autocast_dtype(self.device),
+            progress=report,
+            cancel=cancel,
+            heatmap=heatmap,
+            region=region,
         )
 
     def _prompt_results(
@@ -201,8 +304,11 @@ class Segmenter:
         resolved: Sequence[ResolvedPrompt],
         prediction,
         grid_affine: np.ndarray,
+        clicked: set[str] = frozenset(),
     ) -> tuple[list[PromptResult], np.ndarray]:
-        """Per-prompt statistics on the model grid and the model-grid label map of found prompts."""
+        """Per-prompt statistics on the model grid and the model-grid label map of found prompts.
+        ``clicked``: keys of prompts the user placed points for (their region is what was clicked,
+        so it is never called another structure's)."""
         label_dtype = np.uint8 if len(resolved) < 256 else np.uint16
         row_to_label = torch.zeros(len(self.classes) + len(resolved) + 1, dtype=torch.int64)
         for label, row in enumerate(self.prompt_rows(resolved), start=1):
@@ -227,7 +333,7 @@ class Segmenter:
                 found, note = False, "no region found in this image"
             elif confidence < CONFIDENCE_FLOOR:
                 found, note = False, f"confidence {confidence:.2f} below the floor {CONFIDENCE_FLOOR}"
-            elif not p.trained:
+            elif not p.trained and p.key not in clicked:
                 runner_up = prediction.runner_up.flatten()[grid_labels == label]
                 stolen = trained_rows[runner_up]
                 if float(stolen.float().mean()) > STOLEN_FRACTION:
@@ -240,6 +346,10 @@ class Segmenter:
                     )
             if not found:
                 keep[label] = 0
+            elif p.key in clicked:
+                note = "from your points" + (
+                    "" if p.trained else "; the model was not trained on this structure"
+                )
             elif not p.trained:
                 note = "open vocabulary: the model was not trained on this structure; check the result"
             results.append(

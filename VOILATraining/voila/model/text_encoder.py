@@ -12,9 +12,14 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from voila.errors import TextEncoderUnavailableError
@@ -69,10 +74,65 @@ class TextEncoder:
         return torch.nn.functional.normalize(features, dim=-1).cpu()
 
 
-class TextEmbeddingCache:
-    """Text → CLIP feature ``(F,)``. Stored in the model file; filled lazily for new text.
+def cache_folder() -> Path:
+    """Where VOILA keeps what it can compute again (text embeddings): ``$VOILA_CACHE``, else the
+    platform's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux, ``~/Library/Caches``
+    on macOS, ``%LOCALAPPDATA%`` on Windows) + ``voila``."""
+    if os.environ.get("VOILA_CACHE"):
+        return Path(os.environ["VOILA_CACHE"])
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "voila" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "voila"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voila"
 
-    ``encoder_factory`` is called at most once, the first time a text is missing.
+
+def text_encoder_id(model_name: str, pretrained: str | None) -> str:
+    """What fixes a text encoder's output: model, weights, and the open_clip release that builds
+    it (random weights are seeded, so they are fixed too). Read without importing open_clip."""
+    import importlib.metadata
+
+    try:
+        release = importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:
+        release = "unknown"
+    return f"{model_name}/{pretrained or 'random-seed-0'}/open_clip {release}"
+
+
+class DiskTextCache:
+    """Text embeddings of one text encoder on disk, one ``.npy`` per sentence (written atomically,
+    read with ``allow_pickle=False``): a free-text prompt costs the encoder only once per machine,
+    not once per ``voila segment`` process. Unwritable cache folders are simply not used."""
+
+    def __init__(self, encoder_id: str, folder: Path | None = None) -> None:
+        key = hashlib.sha1(encoder_id.encode("utf-8")).hexdigest()[:16]
+        self.folder = (folder or cache_folder()) / "text-embeddings" / key
+
+    def _path(self, text: str) -> Path:
+        return self.folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()}.npy"
+
+    def get(self, text: str) -> torch.Tensor | None:
+        try:
+            return torch.from_numpy(np.load(self._path(text), allow_pickle=False))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, text: str, feature: torch.Tensor) -> None:
+        path = self._path(text)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial-{os.getpid()}.npy")
+            np.save(partial, feature.detach().cpu().float().numpy(), allow_pickle=False)
+            os.replace(partial, path)
+        except OSError:
+            pass
+
+
+class TextEmbeddingCache:
+    """Text → CLIP feature ``(F,)``. Stored in the model file; filled lazily for new text, from the
+    :class:`DiskTextCache` of the encoder when one is set, else by the encoder.
+
+    ``encoder_factory`` is called at most once, the first time a text is missing from both.
     """
 
     def __init__(self, texts: Iterable[str] = (), features: torch.Tensor | None = None, encoder_factory=None):
@@ -84,6 +144,7 @@ class TextEmbeddingCache:
         self._rows = {text: features[i].clone() for i, text in enumerate(texts)}
         self._encoder_factory = encoder_factory
         self._encoder: TextEncoder | None = None
+        self._disk: DiskTextCache | None = None
         self._lock = threading.Lock()
 
     def __contains__(self, text: str) -> bool:
@@ -102,21 +163,33 @@ class TextEmbeddingCache:
             return torch.zeros(0, 0)
         return torch.stack(list(self._rows.values()))
 
-    def set_encoder_factory(self, factory) -> None:
+    def set_encoder_factory(self, factory, encoder_id: str | None = None) -> None:
+        """The encoder to build when a text is missing; ``encoder_id`` (model name and weights)
+        names its on-disk cache."""
         self._encoder_factory = factory
+        self._disk = DiskTextCache(encoder_id) if encoder_id else None
 
     def features(self, texts: Sequence[str]) -> torch.Tensor:
         """Features ``(T, F)`` for ``texts``, encoding (and caching) the ones not seen yet."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._rows]
         if missing:
             with self._lock:
-                if self._encoder is None:
-                    if self._encoder_factory is None:
-                        raise TextEncoderUnavailableError(
-                            f"no cached text embedding for {missing[0]!r} and no text encoder configured; "
-                            "use a structure name the model knows (see `voila info MODEL`)"
-                        )
-                    self._encoder = self._encoder_factory()
-                for text, row in zip(missing, self._encoder.encode(missing)):
-                    self._rows[text] = row
+                if self._disk is not None:
+                    for text in missing:
+                        stored = self._disk.get(text)
+                        if stored is not None:
+                            self._rows[text] = stored
+                    missing = [t for t in missing if t not in self._rows]
+                if missing:
+                    if self._encoder is None:
+                        if self._encoder_factory is None:
+                            raise TextEncoderUnavailableError(
+                                f"no cached text embedding for {missing[0]!r} and no text encoder configured; "
+                                "use a structure name the model knows (see `voila info MODEL`)"
+                            )
+                        self._encoder = self._encoder_factory()
+                    for text, row in zip(missing, self._encoder.encode(missing)):
+                        self._rows[text] = row
+                        if self._disk is not None:
+                            self._disk.put(text, row)
         return torch.stack([self._rows[t] for t in texts])

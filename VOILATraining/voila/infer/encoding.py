@@ -1,0 +1,261 @@
+"""A volume encoded once: its voxel tokens, then any prompt — text, clicks, boxes — in about a second.
+
+VOILA classifies every voxel token by cosine similarity to class embeddings, so once a volume's
+32-d tokens exist, a new prompt is one matrix product over them. :meth:`Segmenter.encode` runs the
+network; :meth:`VolumeEncoding.segment` answers prompts from the stored tokens, and
+:meth:`Segmenter.segment` is exactly ``encode(...).segment(...)``.
+
+Clicks use VOILA's own space (rule documented in ``DESIGN.md``): the tokens around a positive
+click, averaged and normalised, are a prototype of what the user means; the prompt's embedding
+becomes ``normalize(w · text + prototype)`` with ``w = 1`` for a class the model was trained on
+and ``w = 0.25`` for free text (its CLIP embedding was never aligned with the voxel tokens), so a
+click plus any name segments the clicked thing. Each negative click adds a competing "not this"
+embedding (its own prototype) that counts as background. The prompt keeps only the connected
+region(s) holding its positive clicks. A box keeps the prompt's result inside it.
+
+>>> encoding = segmenter.encode(ct, affine)                       # seconds to minutes
+>>> encoding.segment(["liver"]).prompts[0].volume_ml             # about a second
+>>> encoding.segment(["tumour"], points={"tumour": [((12.5, -80.0, 310.0), True)]})
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from voila.data.geometry import box_region, inside_box, voxel_of, voxel_volume_ml
+from voila.data.preprocess import resample_to_grid
+from voila.errors import PromptError
+from voila.infer.results import SegmentationResult
+from voila.infer.sliding_window import GridEncoding, GridPrediction, classify_tokens
+from voila.prompts import ResolvedPrompt, split_prompts
+from voila.vocabulary import class_key
+
+# Weight of the text embedding beside a click's prototype: full for a trained class, little for free
+# text, whose CLIP embedding the model never aligned with voxel tokens.
+TEXT_WEIGHT_TRAINED = 1.0
+TEXT_WEIGHT_FREE_TEXT = 0.25
+# Half-width (voxels) of the neighbourhood whose tokens make a click's prototype.
+PROTOTYPE_RADIUS = 1
+
+Point = tuple[Sequence[float], bool]  # ((R, A, S) in mm, positive)
+Box = tuple[Sequence[float], Sequence[float]]  # two opposite corners (R, A, S) in mm
+
+
+@dataclass
+class VolumeEncoding:
+    """A volume's voxel tokens on the model grid (a region of it, for boxes or zoom), with what
+    is needed to put results back on the input grid.
+
+    ``grid_shape``/``grid_affine``: the model grid; ``encoded``: its tokens (float16) and heatmap;
+    ``input_shape``/``input_affine``: the input grid; ``warnings``: the input's.
+    """
+
+    segmenter: Any
+    grid_shape: tuple[int, int, int]
+    grid_affine: np.ndarray
+    encoded: GridEncoding
+    input_shape: tuple[int, int, int]
+    input_affine: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the encoding holds (tokens and heatmap)."""
+        return self.encoded.nbytes
+
+    def segment(
+        self,
+        prompts: Sequence[str] | str,
+        points: Mapping[str, Sequence[Point]] | None = None,
+        boxes: Mapping[str, Box] | None = None,
+        heatmap: bool = True,
+    ) -> SegmentationResult:
+        """Segment ``prompts`` from the stored tokens (no network pass).
+
+        ``points``: ``{prompt: [((R, A, S), positive), ...]}`` in world RAS mm (Slicer's world
+        coordinates); ``boxes``: ``{prompt: ((R1, A1, S1), (R2, A2, S2))}``. A prompt named only
+        in ``points`` or ``boxes`` is added to the prompts. ``heatmap``: resample the stored
+        heatmap (if any) onto the input grid.
+        """
+        started = time.perf_counter()
+        segmenter = self.segmenter
+        names = split_prompts(prompts) if prompts else []
+        for extra in (*(points or {}), *(boxes or {})):
+            if extra not in names:
+                names.append(extra)
+        resolved, notes = segmenter.resolve_prompts(names)
+        spatial_points = _by_prompt(points or {}, resolved, segmenter.vocabulary, "point")
+        spatial_boxes = _by_prompt(boxes or {}, resolved, segmenter.vocabulary, "box")
+        embeddings = segmenter.class_embeddings(resolved)
+        rows = segmenter.prompt_rows(resolved)
+        clicks = self._click_voxels(resolved, spatial_points)
+        embeddings, negatives = self._apply_clicks(embeddings, resolved, rows, clicks)
+        region = self.encoded.region
+        labels, probability, runner_up = classify_tokens(
+            segmenter.model, self.encoded.tokens, embeddings, device=segmenter.device
+        )
+        background_from = embeddings.shape[0] - negatives  # "not this" rows count as background
+        labels[labels >= background_from] = 0
+        runner_up[runner_up >= background_from] = 0
+        for p, row in zip(resolved, rows):
+            mine = labels == row
+            if p.key in spatial_boxes:
+                mine &= torch.from_numpy(inside_box(self.grid_affine, region, spatial_boxes[p.key]))
+            if p.key in clicks:
+                mine = _keep_clicked_regions(mine, clicks[p.key], region)
+            labels[(labels == row) & ~mine] = 0
+            labels[mine] = row
+        prediction = GridPrediction(
+            *(
+                _on_grid(values, region, self.grid_shape, fill)
+                for values, fill in ((labels, 0), (probability, 1.0), (runner_up, 0))
+            ),
+            heatmap=None,
+        )
+        results, grid_labels = segmenter._prompt_results(
+            resolved, prediction, self.grid_affine, clicked=set(clicks)
+        )
+        labelmap = resample_to_grid(
+            grid_labels, self.grid_affine, self.input_shape, self.input_affine, order=0
+        )
+        counts = np.bincount(labelmap.ravel(), minlength=len(results) + 1)
+        voxel_ml = voxel_volume_ml(self.input_affine)
+        for result in results:
+            result.voxels = int(counts[result.label])
+            result.volume_ml = round(result.voxels * voxel_ml, 3)
+        heat = None
+        if heatmap and self.encoded.heatmap is not None:
+            grid_heat = _on_grid(self.encoded.heatmap, region, self.grid_shape, 0.0).numpy()
+            heat = resample_to_grid(grid_heat, self.grid_affine, self.input_shape, self.input_affine, order=1)
+            heat = np.clip(heat, 0.0, 1.0).astype(np.float32, copy=False)
+        return SegmentationResult(
+            labelmap=labelmap,
+            heatmap=heat,
+            affine=self.input_affine,
+            prompts=results,
+            model=segmenter.model_summary(),
+            seconds=time.perf_counter() - started,
+            warnings=[*self.warnings, *notes],
+        )
+
+    # -- clicks --------------------------------------------------------------------------------
+    def _click_voxels(
+        self, resolved: Sequence[ResolvedPrompt], points: Mapping[str, Sequence[Point]]
+    ) -> dict[str, list[tuple[tuple[int, int, int], bool]]]:
+        """Each prompt's clicks as model-grid voxels inside the encoded region."""
+        clicks: dict[str, list[tuple[tuple[int, int, int], bool]]] = {}
+        region = self.encoded.region
+        for p in resolved:
+            for position, positive in points.get(p.key, ()):
+                voxel = voxel_of(self.grid_affine, self.grid_shape, position)
+                inside = voxel is not None and all(s.start <= v < s.stop for v, s in zip(voxel, region))
+                if not inside:
+                    raise PromptError(
+                        f"the point {tuple(round(float(c), 1) for c in position)} (R, A, S mm) for "
+                        f"{p.prompt!r} lies outside the image{' part that was encoded' if voxel else ''}; "
+                        "place it on the structure"
+                    )
+                clicks.setdefault(p.key, []).append((voxel, bool(positive)))
+        for key, placed in clicks.items():
+            if not any(positive for _, positive in placed):
+                prompt = next(p.prompt for p in resolved if p.key == key)
+                raise PromptError(
+                    f"{prompt!r} has only excluding points; add at least one point on the structure"
+                )
+        return clicks
+
+    def _prototype(self, voxels: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Unit mean of the tokens around the given voxels ``(M,)``."""
+        tokens, region = self.encoded.tokens, self.encoded.region
+        gathered = []
+        for voxel in voxels:
+            local = [v - s.start for v, s in zip(voxel, region)]
+            window = tuple(
+                slice(max(0, c - PROTOTYPE_RADIUS), min(n, c + PROTOTYPE_RADIUS + 1))
+                for c, n in zip(local, tokens.shape[1:])
+            )
+            gathered.append(tokens[(slice(None), *window)].float().reshape(tokens.shape[0], -1))
+        mean = torch.cat(gathered, dim=1).mean(dim=1)
+        return torch.nn.functional.normalize(mean, dim=0)
+
+    def _apply_clicks(
+        self,
+        embeddings: torch.Tensor,
+        resolved: Sequence[ResolvedPrompt],
+        rows: Sequence[int],
+        clicks: Mapping[str, Sequence[tuple[tuple[int, int, int], bool]]],
+    ) -> tuple[torch.Tensor, int]:
+        """Embeddings with each clicked prompt's row moved towards its prototype, and one "not
+        this" row per negative click appended; returns them and the number appended."""
+        embeddings = embeddings.clone()
+        negatives = []
+        for p, row in zip(resolved, rows):
+            if p.key not in clicks:
+                continue
+            positive = [voxel for voxel, is_positive in clicks[p.key] if is_positive]
+            weight = TEXT_WEIGHT_TRAINED if p.trained else TEXT_WEIGHT_FREE_TEXT
+            prototype = self._prototype(positive).to(embeddings)
+            embeddings[row] = torch.nn.functional.normalize(weight * embeddings[row] + prototype, dim=0)
+            negatives += [
+                self._prototype([voxel]).to(embeddings)
+                for voxel, is_positive in clicks[p.key]
+                if not is_positive
+            ]
+        if negatives:
+            embeddings = torch.cat([embeddings, torch.stack(negatives)])
+        return embeddings, len(negatives)
+
+
+def _by_prompt(
+    values: Mapping[str, Any], resolved: Sequence[ResolvedPrompt], vocabulary, what: str
+) -> dict[str, Any]:
+    """``{prompt text: value}`` keyed by the resolved prompt's key (spelling does not matter)."""
+    keyed = {}
+    known = {p.key for p in resolved}
+    for text, value in values.items():
+        key = class_key(" ".join(str(text).split()), vocabulary)
+        if key not in known:
+            raise PromptError(f"the {what} for {text!r} names no prompt of this run; check its spelling")
+        keyed[key] = value
+    return keyed
+
+
+def _keep_clicked_regions(
+    mine: torch.Tensor, clicks: Sequence[tuple[tuple[int, int, int], bool]], region
+) -> torch.Tensor:
+    """The connected parts of ``mine`` (26-neighbourhood) that hold a positive click (the clicked
+    voxels always belong); negative clicks are never part of the prompt."""
+    mask = mine.numpy().copy()
+    local = [(tuple(v - s.start for v, s in zip(voxel, region)), positive) for voxel, positive in clicks]
+    for voxel, positive in local:
+        mask[voxel] = positive
+    components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    wanted = {int(components[voxel]) for voxel, positive in local if positive} - {0}
+    return torch.from_numpy(np.isin(components, sorted(wanted)))
+
+
+def _on_grid(values: torch.Tensor, region, shape: Sequence[int], fill) -> torch.Tensor:
+    """``values`` of an encoded region placed on the whole model grid (``fill`` elsewhere)."""
+    if tuple(values.shape) == tuple(int(n) for n in shape):
+        return values
+    full = torch.full(tuple(int(n) for n in shape), fill, dtype=values.dtype)
+    full[region] = values
+    return full
+
+
+def region_of_boxes(affine: np.ndarray, shape: Sequence[int], boxes: Sequence[Box], margin: Sequence[int]):
+    """The model-grid region covering every box (widened by ``margin`` voxels), or None when they
+    miss the grid."""
+    regions = [box_region(affine, shape, box, margin) for box in boxes]
+    regions = [r for r in regions if r is not None]
+    if not regions:
+        return None
+    return tuple(slice(min(r[a].start for r in regions), max(r[a].stop for r in regions)) for a in range(3))
