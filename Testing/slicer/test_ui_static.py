@@ -79,6 +79,60 @@ def test_the_result_table_has_the_five_documented_columns():
     assert headers == ["Structure", "Colour", "Volume (ml)", "Confidence", "Found"]
 
 
+def widget_methods() -> set[str]:
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "VOILASegmenterWidget":
+            return {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+    raise AssertionError("VOILASegmenterWidget not found")
+
+
+def ui_connections() -> dict[str, tuple[str, str]]:
+    """``{widget name: (signal, slot method)}`` of every ``self.ui.<name>.connect(signal, self.<slot>)``."""
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    connections = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "connect"
+            and isinstance(node.func.value, ast.Attribute)
+            and isinstance(node.func.value.value, ast.Attribute)
+            and node.func.value.value.attr == "ui"
+            and len(node.args) == 2
+            and isinstance(node.args[1], ast.Attribute)
+        ):
+            connections[node.func.value.attr] = (node.args[0].value, node.args[1].attr)
+    return connections
+
+
+def test_every_connected_signal_goes_to_a_method_of_the_widget():
+    methods = widget_methods()
+    for name, (signal, slot) in ui_connections().items():
+        assert slot in methods, f"{name}.{signal} is connected to a missing method {slot}"
+
+
+def test_the_refine_section_offers_a_structure_chooser_and_four_connected_click_buttons():
+    widgets = ui_widgets()
+    refine = widgets["refineCollapsibleButton"]
+    inside = {widget.get("name"): widget for widget in refine.iter("widget")}
+    assert inside["refinePromptComboBox"].get("class") == "QComboBox"
+    texts = {
+        name: inside[name].find("property[@name='text']/string").text
+        for name in ("insidePointButton", "outsidePointButton", "boxButton", "clearClicksButton")
+    }
+    assert texts == {
+        "insidePointButton": "Inside point",
+        "outsidePointButton": "Outside point",
+        "boxButton": "Box",
+        "clearClicksButton": "Clear",
+    }
+    connections = ui_connections()
+    for name in texts:
+        assert connections[name][0] == "clicked()", name
+    assert "refinePromptComboBox" in used_ui_names()
+
+
 def test_every_module_script_and_resource_is_listed_in_cmake():
     cmake = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "VOILASegmenter")
     module_dir = MODULE.parent

@@ -126,6 +126,9 @@ class VolumeEncoding:
         labelmap = resample_to_grid(
             grid_labels, self.grid_affine, self.input_shape, self.input_affine, order=0
         )
+        for result in results:  # a box holds on the input grid too (its voxels, not the model's)
+            if result.key in spatial_boxes and result.found:
+                _clip_to_box(labelmap, result.label, self.input_affine, spatial_boxes[result.key])
         counts = np.bincount(labelmap.ravel(), minlength=len(results) + 1)
         voxel_ml = voxel_volume_ml(self.input_affine)
         for result in results:
@@ -240,6 +243,16 @@ def _keep_clicked_regions(
     components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     wanted = {int(components[voxel]) for voxel, positive in local if positive} - {0}
     return torch.from_numpy(np.isin(components, sorted(wanted)))
+
+
+def _clip_to_box(labelmap: np.ndarray, label: int, affine: np.ndarray, box: Box) -> None:
+    """Set ``label`` voxels whose centres lie outside the world box to background, in place."""
+    where = np.argwhere(labelmap == label)
+    if not len(where):
+        return
+    region = tuple(slice(int(a), int(b) + 1) for a, b in zip(where.min(0), where.max(0)))
+    outside = (labelmap[region] == label) & ~inside_box(affine, region, box)
+    labelmap[region][outside] = 0
 
 
 def _on_grid(values: torch.Tensor, region, shape: Sequence[int], fill) -> torch.Tensor:
