@@ -123,12 +123,17 @@ def test_cas_target_peaks_where_classification_is_hard_in_the_cts_own_frame():
     hard = (d >= 1) & (d <= 3) & (h >= 10) & (h <= 13) & (w >= 14) & (w <= 18)
     confidence = torch.where(hard, 0.05, 0.95).reshape(1, -1) + torch.rand(1, hard.numel()) * 0.01
     indices = torch.arange(hard.numel())[None]
-    target = complexity_target(confidence, indices, shape, sigma=1.0)
-    assert target.shape == (1, 1, *shape)
-    peak = torch.tensor(divmod_3d(int(target.argmax()), shape))
-    assert bool(hard[tuple(peak)]), f"target peaks at {peak.tolist()}, outside the hard region"
+    for kind in ("error", "rank"):
+        target = complexity_target(confidence, indices, shape, sigma=1.0, kind=kind)
+        assert target.shape == (1, 1, *shape)
+        peak = torch.tensor(divmod_3d(int(target.argmax()), shape))
+        assert bool(hard[tuple(peak)]), f"{kind} target peaks at {peak.tolist()}, outside the hard region"
     # ranks spread the easy voxels evenly over [0, 1): their mean is about 0.5
-    assert float(target[0, 0][hard].mean()) > 0.7 > 0.55 > float(target[0, 0][~hard].mean())
+    ranked = complexity_target(confidence, indices, shape, sigma=1.0, kind="rank")
+    assert float(ranked[0, 0][hard].mean()) > 0.7 > 0.55 > float(ranked[0, 0][~hard].mean())
+    # the error target says how likely a voxel is wrong: easy voxels near 0.05, wherever they are
+    error = complexity_target(confidence, indices, shape, sigma=1.0, kind="error")
+    assert float(error[0, 0][~hard].mean()) < 0.1 and float(error[0, 0][hard].mean()) > 0.6
 
 
 def divmod_3d(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -139,8 +144,10 @@ def divmod_3d(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def test_confidently_wrong_voxels_rank_as_hardest():
     confidence = torch.tensor([[0.9, 0.001, 0.5, 0.99]])  # voxel 1 is confidently wrong
-    target = complexity_target(confidence, torch.arange(4)[None], (1, 1, 4), sigma=0.0)
+    target = complexity_target(confidence, torch.arange(4)[None], (1, 1, 4), sigma=0.0, kind="rank")
     assert target.flatten().tolist() == pytest.approx([1 / 3, 1.0, 2 / 3, 0.0])
+    error = complexity_target(confidence, torch.arange(4)[None], (1, 1, 4), sigma=0.0, kind="error")
+    assert error.flatten().tolist() == pytest.approx([0.1, 0.999, 0.5, 0.01])
 
 
 def test_cas_selects_the_most_complex_voxels_plus_uniform_extras():

@@ -39,6 +39,7 @@ __all__ = [
     "TrainingError",
     "VoilaError",
     "__version__",
+    "finetune",
     "train",
 ]
 
@@ -48,6 +49,13 @@ def train(config, progress=None, stop=None, progress_bar: bool = False, **overri
     from voila.training.api import train as run_training
 
     return run_training(config, progress=progress, stop=stop, progress_bar=progress_bar, **overrides)
+
+
+def finetune(base, config, progress=None, stop=None, progress_bar: bool = False, **overrides):
+    """Fine-tune the model file ``base``; returns the new model file. See :mod:`voila.training.finetune`."""
+    from voila.training.finetune import finetune as run_finetuning
+
+    return run_finetuning(base, config, progress=progress, stop=stop, progress_bar=progress_bar, **overrides)
 
 
 def __getattr__(name: str):

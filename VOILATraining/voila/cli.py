@@ -1,4 +1,4 @@
-"""The ``voila`` command line: ``voila info | segment | train | evaluate | demo``.
+"""The ``voila`` command line: ``voila info | segment | evaluate | train | finetune | demo``.
 
 Each subcommand lives in ``voila.commands.<name>`` and provides ``SUMMARY`` and ``DESCRIPTION``
 (its ``--help`` texts), ``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can cause (:class:`voila.VoilaError`) print one line and exit
@@ -19,7 +19,7 @@ import warnings
 from voila import __version__
 from voila.errors import VoilaError
 
-SUBCOMMANDS = ("info", "segment", "evaluate", "train", "demo")
+SUBCOMMANDS = ("info", "segment", "evaluate", "train", "finetune", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,12 @@ Three layouts are recognised by :func:`discover`:
   lists of ``{"image", "label"}``, ``labels`` ``{"0": "background", "1": "liver"}``; paths relative
   to ``dataroot`` or the JSON's folder. Training entries with a ``fold`` key put fold 0 in ``val``.
 * ``nnunet`` — nnU-Net v2 raw: ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``,
-  ``imagesTs/``, ``dataset.json`` with ``labels`` ``{name: index}``.
+  ``imagesTs/``, ``dataset.json`` with ``labels`` ``{name: index}`` (a label named ``ignore``
+  marks voxels that were not annotated, as in nnU-Net).
+
+Partial labels at voxel level: a case annotated on some slices or in a region only carries its
+annotated region (``<case>/annotated.nii.gz`` in the TotalSegmentator layout, ``"annotated"`` in a
+datalist entry); outside it nothing is known, not even background.
 
 Class names always start with ``"background"`` (index 0) so a label value indexes them directly.
 
@@ -37,18 +42,27 @@ from voila.vocabulary import BACKGROUND
 PathLike = Union[str, "os.PathLike[str]"]
 
 SPLITS = ("train", "val", "test")
+# A case's annotated region (TotalSegmentator layout): <case>/annotated.nii.gz; in a datalist entry:
+# "annotated": path. nnU-Net v2's own convention, a label named "ignore", is read likewise.
+REGION_FILE = "annotated.nii.gz"
+IGNORE_LABEL = "ignore"
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
 
 @dataclass
 class Case:
-    """One CT with its annotation: a label map (``label``) or per-structure masks (``masks``)."""
+    """One CT with its annotation: a label map (``label``) or per-structure masks (``masks``).
+
+    ``region``: a mask of the voxels that were annotated at all (non-zero = annotated), for cases
+    labelled on some slices or in a region only; without it the whole image is annotated.
+    """
 
     case_id: str
     image: Path
     label: Path | None = None
     masks: dict[str, Path] = field(default_factory=dict)
     split: str = "train"
+    region: Path | None = None
 
 
 @dataclass
@@ -149,7 +163,17 @@ def _totalsegmentator(root: Path) -> Dataset:
                 if file_suffix(mask) in NIFTI_SUFFIXES:
                     masks[mask.name[: -len(file_suffix(mask))]] = mask
         names.update(masks)
-        cases.append(Case(child.name, image, None, masks, splits.get(child.name, "train")))
+        region = child / REGION_FILE
+        cases.append(
+            Case(
+                child.name,
+                image,
+                None,
+                masks,
+                splits.get(child.name, "train"),
+                region if region.is_file() else None,
+            )
+        )
     if not names:
         raise DatasetError(
             f"no masks found in {root}/<case>/segmentations/; each case needs <structure>.nii.gz masks"
@@ -182,10 +206,11 @@ def _datalist(path: Path, content: dict[str, Any]) -> Dataset:
                 raise DatasetError(f"{path.name}: entry {number} of '{section}' has no 'image'")
             image = _resolve(root, entry["image"], path)
             label = _resolve(root, entry["label"], path) if entry.get("label") else None
+            region = _resolve(root, entry["annotated"], path) if entry.get("annotated") else None
             split = _split_name(section, path)
             if section == "training" and "validation" not in content and "fold" in entry:
                 split = "val" if int(entry["fold"]) == 0 else "train"
-            cases.append(Case(_case_id(image), image, label, {}, split))
+            cases.append(Case(_case_id(image), image, label, {}, split, region))
     if not any(case.label is not None for case in cases):
         raise DatasetError(f"{path.name} lists no labelled case; add 'training' entries with 'label'")
     name = str(content.get("name") or path.stem)

@@ -1,9 +1,9 @@
 """Complexity-Aware Sampling (CAS): a small conditional VAE that predicts where classification
 is hard, and the voxel selection it drives.
 
-Training target (:func:`complexity_target`): the voxels whose classification we evaluated are
-ranked by the probability the model gives their *true* class — the least confident (including
-confidently wrong) voxel gets 1, the most confident 0 — then spread to a dense map by a
+Training target (:func:`complexity_target`): for the voxels whose classification we evaluated,
+``1 - p(true class)`` (how likely the voxel is wrong; the paper instead ranks them within the
+patch, which orders them alike but says nothing across patches), spread to a dense map by a
 normalised Gaussian convolution (σ in voxels). The public reference code ranked by ``-|cos|``,
 which calls a confidently wrong voxel easy, and wrote its target with D and W swapped; here the
 target is built by flat-index scatter in the ``(D, H, W)`` frame of the CT, so the frames agree
@@ -118,23 +118,31 @@ def complexity_target(
     indices: torch.Tensor,
     spatial_shape: tuple[int, int, int],
     sigma: float = 1.0,
+    kind: str = "error",
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense complexity target ``(B, 1, D, H, W)`` in [0, 1].
 
     ``true_class_probability`` ``(B, S)``: the softmax probability of each evaluated voxel's true
-    class; ``indices`` ``(B, S)``: their flat indices into ``D·H·W`` (C order). Rank 0 (least
-    confident) → 1, last → 0; then a normalised Gaussian convolution fills the gaps.
+    class; ``indices`` ``(B, S)``: their flat indices into ``D·H·W`` (C order); ``known`` ``(B, S)``:
+    which of them lie in the annotated region (the others carry no value). ``kind="error"``:
+    the value is ``1 - p(true class)``; ``kind="rank"`` (the paper's): rank 0 (least confident) →
+    1, last → 0. Then a normalised Gaussian convolution fills the gaps.
     """
     batch, count = true_class_probability.shape
     voxels = spatial_shape[0] * spatial_shape[1] * spatial_shape[2]
-    order = true_class_probability.argsort(dim=1)  # ascending confidence: hardest first
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(count, device=order.device).expand(batch, count))
-    values = 1.0 - ranks.float() / max(count - 1, 1)
+    if kind == "rank":
+        order = true_class_probability.argsort(dim=1)  # ascending confidence: hardest first
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(count, device=order.device).expand(batch, count))
+        values = 1.0 - ranks.float() / max(count - 1, 1)
+    else:
+        values = (1.0 - true_class_probability.float()).clamp(0.0, 1.0)
     sparse = torch.zeros(batch, voxels, device=indices.device)
     weight = torch.zeros(batch, voxels, device=indices.device)
-    sparse.scatter_(1, indices, values)
-    weight.scatter_(1, indices, torch.ones_like(values))
+    present = torch.ones_like(values) if known is None else known.float()
+    sparse.scatter_(1, indices, values * present)
+    weight.scatter_(1, indices, present)
     sparse = sparse.view(batch, 1, *spatial_shape)
     weight = weight.view(batch, 1, *spatial_shape)
     numerator, denominator = gaussian_smooth(sparse, sigma), gaussian_smooth(weight, sigma)

@@ -26,10 +26,19 @@ class VoxelEncoderConfig:
 
 @dataclass
 class CASConfig:
+    """``target``: ``error`` (1 - the probability of the true class: a map of how likely a voxel is
+    wrong, comparable across patches and volumes) or ``rank`` (the paper's: ranks within a patch,
+    1 = least confident). Both order a patch's voxels alike, so CAS samples the same voxels.
+    ``prior_weight``: weight of the reconstruction from the prior mean ``z = 0``, the path the
+    heatmap is drawn with at inference (without it, with the paper's tiny KL weight, the decoder
+    learns to rely on ``z`` and draws from ``z = 0`` something it was never trained to draw)."""
+
     channels: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     latent_dim: int = 32
     kld_weight: float = 1e-8
     target_sigma: float = 1.0
+    target: str = "error"
+    prior_weight: float = 1.0
 
 
 @dataclass
@@ -53,6 +62,9 @@ class ModelConfig:
     neck_channels: int = 32
     token_dim: int = 32
     head: str = "language"  # language | linear (the paper's "w/o V-L interaction" ablation)
+    # a learned vector per class added to its projected text embedding (the pulmonary artery/vein
+    # paper's "self-adaptive" text adapters on a frozen CLIP)
+    text_adapters: bool = False
     cas: CASConfig = field(default_factory=CASConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
@@ -88,6 +100,10 @@ class ModelConfig:
             )
         if self.head not in ("language", "linear"):
             raise ConfigError(f"head must be 'language' or 'linear', not {self.head!r}")
+        if self.cas.target not in ("error", "rank"):
+            raise ConfigError(f"cas.target must be 'error' or 'rank', not {self.cas.target!r}")
+        if self.cas.prior_weight < 0:
+            raise ConfigError("cas.prior_weight must be >= 0")
         if self.sampling.mode not in ("cas", "random", "none"):
             raise ConfigError(f"sampling.mode must be cas, random or none, not {self.sampling.mode!r}")
         if not 0 < self.sampling.ratio <= 1:

@@ -98,9 +98,24 @@ def create_model(
     return BuiltModel(model, cache, card)
 
 
+def _architecture(config: ModelConfig) -> dict[str, Any]:
+    """What a fine-tuned model must share with its base: the network's shapes and text encoder
+    (not how it samples or trains, its patch, or parts that start from zero: text adapters)."""
+    values = config.to_dict()
+    return {
+        "voxel_encoder": values["voxel_encoder"],
+        "neck_channels": values["neck_channels"],
+        "token_dim": values["token_dim"],
+        "head": values["head"],
+        "cas": (values["cas"]["channels"], values["cas"]["latent_dim"]),
+        "text_encoder": values["text_encoder"],
+    }
+
+
 def _start_from(model: VoilaModel, base: LoadedModel, classes: list[str]) -> None:
-    """Copy ``base``'s weights into ``model``; per-class rows (linear head) are matched by name."""
-    if base.model.config.to_dict() | {"sampling": None} != model.config.to_dict() | {"sampling": None}:
+    """Copy ``base``'s weights into ``model``; per-class rows (a linear head's, text adapters) are
+    matched by class name, and parts the base lacks keep their initialisation (adapters: zero)."""
+    if _architecture(model.config) != _architecture(base.model.config):
         raise ConfigError(
             "the base model's architecture differs from the one asked for; start from the base "
             "model's own preset (its card) or train from scratch"
@@ -110,11 +125,15 @@ def _start_from(model: VoilaModel, base: LoadedModel, classes: list[str]) -> Non
     base_classes = list(base.card["classes"])
     for key, value in target.items():
         if key not in state:
-            raise ConfigError(f"the base model has no weight {key!r}; it cannot be the starting point")
-        if state[key].shape != value.shape:  # per-class rows of a linear head
+            if "text_adapters" not in key:
+                raise ConfigError(f"the base model has no weight {key!r}; it cannot be the starting point")
+            state[key] = value.clone()
+        elif state[key].shape != value.shape:  # per-class rows: matched by name
+            names = classes if value.shape[0] == len(classes) else classes[1:]
+            known = base_classes if state[key].shape[0] == len(base_classes) else base_classes[1:]
             rows = value.clone()
-            for row, name in enumerate(classes):
-                if name in base_classes:
-                    rows[row] = state[key][base_classes.index(name)]
+            for row, name in enumerate(names):
+                if name in known:
+                    rows[row] = state[key][known.index(name)]
             state[key] = rows
     model.load_state_dict(state)

@@ -23,11 +23,16 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class VoxelLanguageHead(nn.Module):
-    def __init__(self, text_dim: int, token_dim: int = 32) -> None:
+    """``adapters``: the number of trained foreground classes that get a learned vector added to
+    their projected text embedding (0: none). Rows beyond them (prompts the model was not trained
+    on) are the plain projection: an adapter belongs to a class, not to the text encoder."""
+
+    def __init__(self, text_dim: int, token_dim: int = 32, adapters: int = 0) -> None:
         super().__init__()
         self.text_projection = nn.Linear(text_dim, token_dim)
         self.background_embedding = nn.Parameter(torch.randn(token_dim) / math.sqrt(token_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.text_adapters = nn.Parameter(torch.zeros(adapters, token_dim)) if adapters else None
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -36,6 +41,9 @@ class VoxelLanguageHead(nn.Module):
         """CLIP features of the foreground classes ``(N_fg, F)`` → unit embeddings ``(N_fg + 1, M)``,
         background first."""
         projected = self.text_projection(text_features.to(self.text_projection.weight.dtype))
+        if self.text_adapters is not None:
+            count = min(len(self.text_adapters), len(projected))
+            projected = torch.cat([projected[:count] + self.text_adapters[:count], projected[count:]])
         return F.normalize(torch.cat([self.background_embedding[None], projected]), dim=-1)
 
     def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:

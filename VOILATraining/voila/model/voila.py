@@ -32,6 +32,7 @@ class VoilaLosses:
     f1: torch.Tensor
     cas_mse: torch.Tensor
     cas_kld: torch.Tensor
+    cas_prior: torch.Tensor
     heatmap: torch.Tensor  # (B, 1, D, H, W) CAS prediction used for sampling (detached)
     target: torch.Tensor  # (B, 1, D, H, W) complexity target
 
@@ -42,6 +43,7 @@ class VoilaLosses:
             "f1": float(self.f1.detach()),
             "cas_mse": float(self.cas_mse.detach()),
             "cas_kld": float(self.cas_kld.detach()),
+            "cas_prior": float(self.cas_prior.detach()),
         }
 
 
@@ -58,7 +60,10 @@ class VoilaModel(nn.Module):
                 raise ValueError("the linear head needs num_classes")
             self.head: nn.Module = LinearClassificationHead(num_classes, config.token_dim)
         else:
-            self.head = VoxelLanguageHead(text_dim, config.token_dim)
+            adapters = (num_classes or 1) - 1 if config.text_adapters else 0
+            if config.text_adapters and not num_classes:
+                raise ValueError("text adapters need num_classes")
+            self.head = VoxelLanguageHead(text_dim, config.token_dim, adapters)
         self.cas = ComplexityVAE(config.cas)
 
     def trainable_parameters(self) -> int:
@@ -93,7 +98,8 @@ class VoilaModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> VoilaLosses:
         """Training losses for CT ``(B, 1, D, H, W)``, labels ``(B, D, H, W)`` (class indices,
-        0 = background), foreground CLIP features ``(N - 1, F)`` and ``annotated`` ``(B, N)``."""
+        0 = background, ``N``: outside the case's annotated region, no loss), foreground CLIP
+        features ``(N - 1, F)`` and ``annotated`` ``(B, N)``."""
         cfg = self.config
         mode = sampling or cfg.sampling.mode
         batch, shape = ct.shape[0], tuple(ct.shape[2:])
@@ -112,10 +118,18 @@ class VoilaModel(nn.Module):
             return self.logits(picked.transpose(1, 2), embeddings), flat_labels.gather(1, indices)
 
         logits, target = gather(selection.loss_indices)  # (B, K, N), (B, K)
+        ignore = annotated.shape[1]  # label value of voxels outside the annotated region
         row_annotated = annotated[:, None, :].expand(-1, logits.shape[1], -1).reshape(-1, logits.shape[-1])
         logits_2d, target_1d = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-        cross_entropy = marginal_cross_entropy(logits_2d, target_1d, row_annotated)
-        f1 = voxel_f1_loss(logits_2d, target_1d, row_annotated)
+        known = target_1d < ignore
+        if bool(known.all()):
+            cross_entropy = marginal_cross_entropy(logits_2d, target_1d, row_annotated)
+            f1 = voxel_f1_loss(logits_2d, target_1d, row_annotated)
+        elif bool(known.any()):
+            cross_entropy = marginal_cross_entropy(logits_2d[known], target_1d[known], row_annotated[known])
+            f1 = voxel_f1_loss(logits_2d[known], target_1d[known], row_annotated[known])
+        else:  # a patch wholly outside the annotated region teaches nothing
+            cross_entropy = f1 = logits.sum() * 0.0
 
         with torch.no_grad():
             if selection.target_indices is selection.loss_indices:
@@ -124,16 +138,33 @@ class VoilaModel(nn.Module):
                 target_logits, target_labels = gather(selection.target_indices)
             target_annotated = annotated[:, None, :].expand(-1, target_logits.shape[1], -1)
             probabilities = target_logits.float().masked_fill(~target_annotated, float("-inf")).softmax(-1)
-            true_probability = probabilities.gather(2, target_labels[..., None])[..., 0]
+            unknown = target_labels >= ignore
+            true_probability = probabilities.gather(2, target_labels.clamp(max=ignore - 1)[..., None])[..., 0]
             complexity = complexity_target(
-                true_probability, selection.target_indices, shape, cfg.cas.target_sigma
+                true_probability,
+                selection.target_indices,
+                shape,
+                cfg.cas.target_sigma,
+                cfg.cas.target,
+                known=None if not bool(unknown.any()) else ~unknown,
             )
 
         reconstruction, mean, log_variance = self.cas(complexity, ct)
         cas_mse = F.mse_loss(reconstruction, complexity)
         cas_kld = kl_divergence(mean, log_variance)
         total = cross_entropy + f1 + cas_mse + cfg.cas.kld_weight * cas_kld
+        cas_prior = torch.zeros((), device=ct.device)
+        if cfg.cas.prior_weight > 0:  # the heatmap users see is drawn from z = 0: teach that path
+            cas_prior = F.mse_loss(self.cas.sample(ct, deterministic=True), complexity)
+            total = total + cfg.cas.prior_weight * cas_prior
         blank = torch.zeros_like(complexity)
         return VoilaLosses(
-            total, cross_entropy, f1, cas_mse, cas_kld, heatmap if heatmap is not None else blank, complexity
+            total,
+            cross_entropy,
+            f1,
+            cas_mse,
+            cas_kld,
+            cas_prior,
+            heatmap if heatmap is not None else blank,
+            complexity,
         )

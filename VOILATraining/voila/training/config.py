@@ -153,6 +153,14 @@ SETTINGS: tuple[Setting, ...] = (
         "open_clip weights tag of the text encoder ('preset': the preset's; 'none': random weights, offline)",
         nullable=True,
     ),
+    Setting(
+        "text_adapters",
+        "model",
+        "bool",
+        False,
+        "a learned vector per class added to its text embedding (self-adaptive text adapters on the frozen CLIP)",
+    ),
+    Setting("base", "model", "str", None, "the model file fine-tuning starts from", nullable=True, flag=None),
     # -- data -----------------------------------------------------------------------------------
     Setting(
         "data",
@@ -192,6 +200,33 @@ SETTINGS: tuple[Setting, ...] = (
         "patch shows anatomy no scan has; left-right is never flipped)",
     ),
     Setting(
+        "structures",
+        "data",
+        "paths",
+        (),
+        "learn only these of the datasets' labels (vocabulary names or the datasets' own; default: all)",
+        metavar="NAME",
+    ),
+    Setting(
+        "annotated_region",
+        "data",
+        "str",
+        "file",
+        "which voxels of a case are annotated: 'file' (all, or the case's annotated-region mask: "
+        "<case>/annotated.nii.gz, a datalist's \"annotated\", nnU-Net's 'ignore' label) or 'slices' "
+        "(also only the slices that hold a label: for cases labelled on some slices)",
+        choices=("file", "slices"),
+    ),
+    Setting(
+        "keep_base",
+        "data",
+        "str",
+        "pseudo-labels",
+        "fine-tuning: how the base model's structures are kept where the new cases do not label them: "
+        "'pseudo-labels' (the base model's own predictions as their labels) or 'none'",
+        choices=("pseudo-labels", "none"),
+    ),
+    Setting(
         "cache", "data", "str", "memory", "where preprocessed cases are kept", choices=("memory", "disk")
     ),
     Setting("num_workers", "data", "int", 0, "data-loading worker processes", low=0),
@@ -201,8 +236,8 @@ SETTINGS: tuple[Setting, ...] = (
         "steps_per_epoch",
         "optim",
         "int",
-        None,
-        "optimiser steps per epoch (default: one pass over the training cases)",
+        250,
+        "optimiser steps per epoch, whatever the number of cases (nnU-Net's 250; null in YAML: one pass)",
         low=1,
         nullable=True,
     ),
@@ -221,11 +256,38 @@ SETTINGS: tuple[Setting, ...] = (
         "learning-rate schedule after warm-up",
         choices=("constant", "cosine"),
     ),
+    Setting(
+        "trainable",
+        "optim",
+        "str",
+        "all",
+        "what learns: 'all', or 'neck' (parameter-efficient: the voxel encoder's backbone is frozen but its "
+        "last stage; the neck, the text projection, adapters and CAS learn)",
+        choices=("all", "neck"),
+    ),
+    Setting(
+        "encoder_lr",
+        "optim",
+        "float",
+        1.0,
+        "learning rate of the voxel encoder's backbone, as a factor of --lr (e.g. 0.1 when fine-tuning)",
+        low=0,
+        low_open=True,
+    ),
     Setting("seed", "optim", "int", 0, "random seed (data order, augmentation, initialisation)"),
     # -- run ------------------------------------------------------------------------------------
     Setting("out", "run", "str", "runs/voila", "run folder (checkpoints, metrics, pictures, model)"),
     Setting("device", "run", "str", "auto", DEVICE_HELP),
     Setting("amp", "run", "str", "auto", "mixed precision on CUDA", choices=AMP_CHOICES),
+    Setting(
+        "val_windows",
+        "run",
+        "int",
+        8,
+        "windows (centred on labelled structures) a validation during training scores; the full "
+        "sliding-window validation runs once, on the exported model (0: full every time)",
+        low=0,
+    ),
     Setting("val_every", "run", "int", 1, "validate every N epochs", low=1),
     Setting(
         "val_overlap",
@@ -396,6 +458,19 @@ def load_train_config(
     config = TrainConfig(**{key: _convert(SETTING[key], value) for key, value in values.items()})
     validate(config)
     return config
+
+
+def setting_names(source: PathLike | dict[str, Any] | None) -> set[str]:
+    """The settings a YAML file or dict gives (flat or by section), without checking them."""
+    if source is None:
+        return set()
+    if isinstance(source, dict):
+        return set(_flatten(dict(source), "the configuration"))
+    try:
+        loaded = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return set()  # load_train_config says what is wrong with it
+    return set(_flatten(loaded, str(source))) if isinstance(loaded, dict) else set()
 
 
 def validate(config: TrainConfig) -> None:

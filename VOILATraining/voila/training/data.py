@@ -33,8 +33,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandCropByPosNegLabeld, Randomizable
 
+from voila.data.geometry import same_grid
 from voila.data.io import read_image
-from voila.data.layouts import Case, Dataset, discover, load_case_label
+from voila.data.layouts import IGNORE_LABEL, Case, Dataset, discover, load_case_label
 from voila.data.preprocess import PreprocessingConfig, deterministic_transforms
 from voila.data.transforms import training_transforms
 from voila.errors import ConfigError, DatasetError
@@ -55,6 +56,18 @@ class PreparedCase:
     image: MetaTensor | None = None
     label: MetaTensor | None = None
     cache_file: Path | None = None
+
+    def replace_label(self, label: torch.Tensor) -> None:
+        """Put a new label volume ``(1, D, H, W)`` (same grid) in place of the prepared one."""
+        image, old = self.volumes()
+        new = MetaTensor(label.to(old.dtype).contiguous(), affine=old.affine)
+        if self.cache_file is None:
+            self.label = new
+            return
+        with np.load(self.cache_file, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        arrays["label"] = new.as_tensor().numpy()
+        np.savez(self.cache_file, **arrays)
 
     def volumes(self) -> tuple[MetaTensor, MetaTensor]:
         if self.image is not None and self.label is not None:
@@ -80,6 +93,11 @@ class TrainingData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (case, reason)
     validating_on_training_cases: bool = False
 
+    @property
+    def ignore_index(self) -> int:
+        """The label value of voxels outside a case's annotated region (no loss, not even background)."""
+        return len(self.class_names)
+
     @classmethod
     def prepare(
         cls,
@@ -92,20 +110,37 @@ class TrainingData:
         cache_dir: Path | None = None,
         need_validation_cases: bool = True,
         template: str = DEFAULT_TEMPLATE,
+        base_classes: Sequence[str] = (),
+        structures: Sequence[str] | None = None,
+        annotated_region: str = "file",
     ) -> TrainingData:
-        """Discover, map labels, read and preprocess every case; unreadable cases are skipped."""
+        """Discover, map labels, read and preprocess every case; unreadable cases are skipped.
+
+        ``base_classes``: classes the model has already (fine-tuning), first and in their order,
+        whether or not a dataset labels them. ``structures``: learn only these of the datasets'
+        labels (the others are then not annotated). ``annotated_region``: ``file`` (a case's
+        annotated-region mask where it has one) or ``slices`` (also: only the slices holding a
+        label are annotated); voxels outside it carry :attr:`ignore_index` and no loss.
+        """
         datasets = [discover(path) for path in paths]
-        class_names = _union_class_names(datasets, vocabulary)
+        wanted = None if not structures else {class_key(name, vocabulary) for name in structures}
+        class_names = _union_class_names(datasets, vocabulary, base_classes, wanted)
         index_of = {class_key(name, vocabulary): i for i, name in enumerate(class_names)}
+        ignore_index = len(class_names)
         splits = [_assign_splits(dataset, val_fraction, seed) for dataset in datasets]
         transforms = deterministic_transforms(preprocessing, label_keys=("label",))
-        label_dtype = torch.uint8 if len(class_names) <= 256 else torch.int16
+        label_dtype = torch.uint8 if len(class_names) < 256 else torch.int16  # + the ignore value
         cache_key = _cache_key(preprocessing, class_names)
         cases: list[PreparedCase] = []
         skipped: list[tuple[str, str]] = []
         summaries = []
         for dataset, split_of in zip(datasets, splits):
-            lookup = np.array([index_of[class_key(name, vocabulary)] for name in dataset.class_names])
+            lookup = np.array(
+                [
+                    ignore_index if name == IGNORE_LABEL else index_of.get(class_key(name, vocabulary), 0)
+                    for name in dataset.class_names
+                ]
+            )
             lookup[0] = 0
             kept = 0
             for case in dataset.cases:
@@ -124,6 +159,7 @@ class TrainingData:
                         vocabulary,
                         transforms,
                         label_dtype,
+                        annotated_region,
                     )
                 except Exception as error:  # a corrupt case must not end a long run
                     reason = " ".join(str(error).split())[:300] or type(error).__name__
@@ -155,7 +191,10 @@ class TrainingData:
             raise ConfigError(
                 "the datasets hold no training case (all are val/test); check the splits in meta.csv"
             )
-        if not any(bool(c.label is None or c.label.max() > 0) for c in (cases[i] for i in train)):
+        if not any(
+            bool(c.label is None or ((c.label > 0) & (c.label < len(class_names))).any())
+            for c in (cases[i] for i in train)
+        ):
             raise DatasetError("the training cases contain no labelled voxel; the masks are all empty")
         on_training = need_validation_cases and not val
         if on_training:
@@ -290,21 +329,37 @@ def epoch_keys(
     return [(order[item], item_seed(seed, epoch, item)) for item in range(rank, total, world_size)]
 
 
-def _union_class_names(datasets: Sequence[Dataset], vocabulary: Vocabulary) -> list[str]:
-    """Background, the vocabulary structures the datasets label (vocabulary order), then free-text
-    classes; labels that differ only in spelling (``Tumor_Core``, ``tumor core``) are one class."""
+def _union_class_names(
+    datasets: Sequence[Dataset],
+    vocabulary: Vocabulary,
+    base_classes: Sequence[str] = (),
+    wanted: set[str] | None = None,
+) -> list[str]:
+    """Background and ``base_classes`` (in their order), then the vocabulary structures the
+    datasets label (vocabulary order), then free-text classes; labels that differ only in
+    spelling (``Tumor_Core``, ``tumor core``) are one class. ``wanted``: the class keys to learn."""
     by_key: dict[str, str] = {}
     for dataset in datasets:
         for label_name in dataset.class_names[1:]:
+            if label_name == IGNORE_LABEL:
+                continue
             name = class_name(label_name, vocabulary)
-            by_key.setdefault(class_key(name, vocabulary), name)
+            if wanted is None or class_key(name, vocabulary) in wanted:
+                by_key.setdefault(class_key(name, vocabulary), name)
     by_key.pop(BACKGROUND, None)
+    base = [name for name in base_classes if name != BACKGROUND]
+    for name in base:
+        by_key.pop(class_key(name, vocabulary), None)
     names = set(by_key.values())
     known = [n for n in vocabulary.names if n in names]
     free = sorted(n for n in names if n not in vocabulary)
-    if not known and not free:
+    if wanted is not None and not known and not free and not base:
+        raise DatasetError(
+            "none of the datasets' labels is among the structures asked for; check --structures"
+        )
+    if not known and not free and not base:
         raise DatasetError("the datasets name no structure besides background; nothing to train")
-    return [BACKGROUND, *known, *free]
+    return [BACKGROUND, *base, *known, *free]
 
 
 def _assign_splits(dataset: Dataset, val_fraction: float, seed: int) -> dict[str, str]:
@@ -331,6 +386,7 @@ def _prepare_case(
     vocabulary: Vocabulary,
     transforms: Compose,
     label_dtype: torch.dtype,
+    annotated_region: str = "file",
 ) -> PreparedCase:
     image, affine = read_image(case.image)
     labels, annotated_names = load_case_label(case, dataset.class_names)
@@ -339,10 +395,16 @@ def _prepare_case(
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
         raise DatasetError("the image contains NaN or infinite voxels")
     global_labels = lookup[labels.astype(np.int64)].astype(np.float32)
+    ignore_index = len(class_names)
+    region = _annotated_region(case, labels, affine, image.shape, annotated_region)
+    if region is not None:
+        global_labels[~region] = ignore_index
     annotated = torch.zeros(len(class_names), dtype=torch.bool)
     annotated[0] = True
     for name in annotated_names:
-        annotated[index_of[class_key(name, vocabulary)]] = True
+        index = index_of.get(class_key(name, vocabulary))
+        if index is not None:
+            annotated[index] = True
     affine_t = torch.from_numpy(np.asarray(affine, dtype=np.float64))
     output = transforms(
         {
@@ -357,6 +419,30 @@ def _prepare_case(
         output["label"].as_tensor().round().to(label_dtype).contiguous(), affine=output["label"].affine
     )
     return PreparedCase(case.case_id, dataset.name, split, annotated, prepared_image, prepared_label)
+
+
+def _annotated_region(
+    case: Case, labels: np.ndarray, affine: np.ndarray, shape, mode: str
+) -> np.ndarray | None:
+    """Which voxels of a case were annotated (None: all of them): its region mask, and with
+    ``mode="slices"`` only the axial slices (across the array axis nearest head-feet) holding a label."""
+    region = None
+    if case.region is not None:
+        mask, mask_affine = read_image(case.region)
+        if not same_grid(mask.shape, mask_affine, shape, affine):
+            raise DatasetError(
+                f"{case.region.name} is not on the grid of {case.image.name}; resample it onto the image"
+            )
+        region = mask != 0
+    if mode == "slices":
+        axis = int(np.argmax(np.abs(np.asarray(affine)[2, :3])))
+        labelled = np.any(labels > 0, axis=tuple(a for a in range(3) if a != axis))
+        slices = np.zeros(shape, dtype=bool)
+        index = [slice(None)] * 3
+        index[axis] = labelled
+        slices[tuple(index)] = True
+        region = slices if region is None else region & slices
+    return region
 
 
 def _cache_key(preprocessing: PreprocessingConfig, class_names: list[str]) -> str:

@@ -41,6 +41,8 @@ class RunTotals:
     best_dice: float = -1.0
     best_epoch: int = -1  # 0-based; -1: never validated
     best_scores: dict[str, float] = field(default_factory=dict)
+    final_dice: float | None = None  # the exported model on whole validation cases (None: not run)
+    final_scores: dict[str, float] = field(default_factory=dict)
 
 
 def training_record(
@@ -59,7 +61,14 @@ def training_record(
         f"{len(data.datasets)} dataset(s), {totals.epochs_completed} epoch(s) x {totals.steps_per_epoch} steps, "
         f"{model_config.sampling.mode} sampling, {config.spacing[0]:g} mm grid; "
         + (
-            f"best validation mean Dice {totals.best_dice:.3f} (epoch {totals.best_epoch + 1})"
+            f"best validation mean Dice {totals.best_dice:.3f} (epoch {totals.best_epoch + 1}"
+            + (f", {config.val_windows} windows" if config.val_windows else "")
+            + ")"
+            + (
+                f", {totals.final_dice:.3f} on whole validation cases"
+                if totals.final_dice is not None
+                else ""
+            )
             + (" on the training cases" if data.validating_on_training_cases else "")
             if validated
             else "not validated"
@@ -86,6 +95,9 @@ def training_record(
         "exported_weights": exported_weights,
         "val_mean_dice": round(totals.best_dice, 4) if validated else None,
         "val_dice": {name: round(value, 4) for name, value in totals.best_scores.items()},
+        "val_windows": config.val_windows,
+        "final_val_mean_dice": None if totals.final_dice is None else round(totals.final_dice, 4),
+        "final_val_dice": {name: round(value, 4) for name, value in totals.final_scores.items()},
         "minutes": round(totals.minutes, 2),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "voila_version": voila.__version__,

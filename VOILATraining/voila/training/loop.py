@@ -62,7 +62,7 @@ from voila.training.validation import ValidationResult, validate_cases
 from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary, free_text_color
 
 LOG = logging.getLogger("voila.train")
-LOSS_KEYS = ("loss", "ce", "f1", "cas_mse", "cas_kld")
+LOSS_KEYS = ("loss", "ce", "f1", "cas_mse", "cas_kld", "cas_prior")
 
 
 @dataclass
@@ -154,7 +154,32 @@ class Trainer:
         values["text_encoder"]["pretrained"] = config.text_pretrained_tag(
             values["text_encoder"]["pretrained"]
         )
+        values["text_adapters"] = bool(config.text_adapters)
         return ModelConfig.from_dict(values)
+
+    def build_preprocessing(self) -> PreprocessingConfig:
+        """The one preprocessing of the model this run makes (its grid spacing)."""
+        return PreprocessingConfig(spacing=tuple(self.config.spacing))
+
+    def load_vocabulary(self) -> Vocabulary:
+        """The vocabulary labels are named by (the installed one)."""
+        return Vocabulary.load()
+
+    def prepare_data(self) -> TrainingData:
+        """Every case read and preprocessed once, the class list, what was skipped (every rank)."""
+        config = self.config
+        return TrainingData.prepare(
+            config.data,
+            self.preprocessing,
+            self.vocabulary,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            cache=config.cache,
+            cache_dir=self.folder.cache,
+            need_validation_cases=self.dist.main,
+            structures=config.structures or None,
+            annotated_region=config.annotated_region,
+        )
 
     def base_model(self) -> LoadedModel | None:
         """An existing model to start from (fine-tuning); None trains from scratch."""
@@ -174,8 +199,22 @@ class Trainer:
         )
 
     def parameter_groups(self, model: VoilaModel) -> list[dict[str, Any]]:
-        """Optimiser parameter groups (one group at the run's learning rate by default)."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        """Optimiser parameter groups: the voxel encoder's backbone at ``encoder_lr`` × ``lr``, the
+        rest at ``lr``; with ``trainable: neck`` the backbone is frozen but its last stage."""
+        config = self.config
+        backbone = model.voxel_encoder.backbone
+        if config.trainable == "neck":
+            backbone.requires_grad_(False)
+            backbone.stages[-1].requires_grad_(True)
+        in_backbone = {id(p) for p in backbone.parameters()}
+        groups = [
+            {
+                "params": [p for p in backbone.parameters() if p.requires_grad],
+                "lr": config.lr * config.encoder_lr,
+            },
+            {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]},
+        ]
+        return [group for group in groups if group["params"]]
 
     def build_optimizer(self, model: VoilaModel) -> torch.optim.Optimizer:
         return torch.optim.Adam(
@@ -235,6 +274,8 @@ class Trainer:
                     overlap=self.config.val_overlap,
                     device=self.device,
                     amp_dtype=self.amp_dtype,
+                    windows=self.config.val_windows,
+                    seed=self.config.seed,
                 )
             except ModelFileError:  # NaN/Inf outputs: the weights diverged, the run cannot go on
                 failed = True
@@ -298,7 +339,7 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
 
         self.model_config = self.build_model_config()
-        self.preprocessing = PreprocessingConfig(spacing=tuple(config.spacing))
+        self.preprocessing = self.build_preprocessing()
         snapshot = dict(config.sections())
         snapshot["run"] = dict(snapshot["run"], resume=config.resume)
         dist.agree(lambda: self.folder.claim(config.resume, snapshot, config.data))
@@ -307,20 +348,8 @@ class Trainer:
         LOG.info("voila train: %s", config.command or "(python API)")
         LOG.info("device %s, %d process(es), amp %s", device, dist.world, self.amp_dtype)
 
-        self.vocabulary = Vocabulary.load()
-        self.data = dist.agree(
-            lambda: TrainingData.prepare(
-                config.data,
-                self.preprocessing,
-                self.vocabulary,
-                val_fraction=config.val_fraction,
-                seed=config.seed,
-                cache=config.cache,
-                cache_dir=self.folder.cache,
-                need_validation_cases=dist.main,
-            ),
-            everywhere=True,
-        )
+        self.vocabulary = self.load_vocabulary()
+        self.data = dist.agree(self.prepare_data, everywhere=True)
         data = self.data
         for case, reason in data.skipped:
             LOG.warning("skipped case %s: %s", case, reason)
@@ -358,6 +387,7 @@ class Trainer:
         )
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = self.build_optimizer(self.model)
+        self.parameter_groups_lrs = [{"lr": group["lr"]} for group in self.optimizer.param_groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -597,9 +627,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.base_lrs = [config.lr for _ in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = config.lr
+        fresh = [group["lr"] for group in self.parameter_groups_lrs]
+        self.scheduler.base_lrs = list(fresh)
+        for group, lr in zip(self.optimizer.param_groups, fresh):
+            group["initial_lr"] = lr
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
@@ -664,10 +695,34 @@ class Trainer:
             best_epoch=self.best_epoch,
             best_scores=self.best_scores,
         )
-        record = training_record(self.config, self.data, self.model_config, totals, source)
+        if self.config.val_windows and self.data.val_indices:  # once, whole cases: the figure the card gives
+            final = validate_cases(
+                exported.model.to(self.device),
+                self.features,
+                self.data.cases,
+                self.data.val_indices,
+                self.data.class_names,
+                self.model_config.patch_size,
+                overlap=self.config.val_overlap,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                picture=False,
+            )
+            exported.model.cpu()
+            LOG.info(
+                "validation of the exported model, whole cases: mean Dice %.4f (%.1f s)",
+                final.mean,
+                final.seconds,
+            )
+            totals.final_dice, totals.final_scores = final.mean, final.per_class
+        record = self.training_record(totals, source)
         path = export_model(self.folder.model, exported, record, self.config, self.data, self.model_config)
         LOG.info("model exported to %s (%s weights)", path, source)
         return path
+
+    def training_record(self, totals: RunTotals, source: str) -> dict[str, Any]:
+        """The card's ``training`` entry (fine-tuning adds its base)."""
+        return training_record(self.config, self.data, self.model_config, totals, source)
 
     # -- helpers ---------------------------------------------------------------------------
     def encode_class_texts(self) -> torch.Tensor:

@@ -18,7 +18,19 @@ import numpy as np
 
 from voila.data.io import atomic_path
 
-BASE_COLUMNS = ["epoch", "step", "minutes", "lr", "loss", "ce", "f1", "cas_mse", "cas_kld", "val_dice"]
+BASE_COLUMNS = [
+    "epoch",
+    "step",
+    "minutes",
+    "lr",
+    "loss",
+    "ce",
+    "f1",
+    "cas_mse",
+    "cas_kld",
+    "cas_prior",
+    "val_dice",
+]
 
 
 class MetricsTable:

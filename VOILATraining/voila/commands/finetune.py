@@ -1,0 +1,35 @@
+"""``voila finetune BASE.safetensors --data PATH ... --out DIR``: teach an existing model new
+structures or the user's own scans (:mod:`voila.training.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+SUMMARY = "fine-tune a model file on a few (partly) labelled cases: new structures, your own scans"
+DESCRIPTION = (
+    "Start from BASE (its weights, text encoder, vocabulary and preprocessing, read from its card), keep "
+    "every structure it knows and add the datasets' new ones. BASE is never modified. Settings come from an "
+    "optional YAML file; flags override it."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from voila.training.config import add_arguments as add_setting_flags
+    from voila.training.finetune import FIXED_BY_BASE
+
+    parser.add_argument("base", metavar="BASE", help="the VOILA .safetensors model to start from")
+    parser.add_argument("--config", dest="config_file", help="a training configuration YAML file (optional)")
+    add_setting_flags(parser, exclude=FIXED_BY_BASE)
+
+
+def run(args: argparse.Namespace) -> int:
+    from voila.commands.train import run_trainer
+    from voila.training.config import overrides_from_arguments
+    from voila.training.finetune import FinetuneTrainer, finetune_config
+
+    overrides = overrides_from_arguments(args)
+    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = finetune_config(args.base, args.config_file, overrides)
+    return run_trainer(FinetuneTrainer, config)
