@@ -76,6 +76,7 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries(args.debug)
     previous = None
     if threading.current_thread() is threading.main_thread():

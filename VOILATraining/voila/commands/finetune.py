@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 SUMMARY = "fine-tune a model file on a few (partly) labelled cases: new structures, your own scans"
 DESCRIPTION = (
@@ -30,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
     from voila.training.finetune import FinetuneTrainer, finetune_config
 
     overrides = overrides_from_arguments(args)
-    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in args.argv)
     config = finetune_config(args.base, args.config_file, overrides)
     return run_trainer(FinetuneTrainer, config)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from voila.training.loop import Trainer
 
     overrides = overrides_from_arguments(args)
-    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in args.argv)
     config = load_train_config(args.config, overrides)
     return run_trainer(Trainer, config)
 

@@ -123,7 +123,7 @@ class TrainingData:
         label are annotated); voxels outside it carry :attr:`ignore_index` and no loss.
         """
         datasets = [discover(path) for path in paths]
-        wanted = None if not structures else {class_key(name, vocabulary) for name in structures}
+        wanted = None if not structures else {class_key(name, vocabulary): name for name in structures}
         class_names = _union_class_names(datasets, vocabulary, base_classes, wanted)
         index_of = {class_key(name, vocabulary): i for i, name in enumerate(class_names)}
         ignore_index = len(class_names)
@@ -333,19 +333,29 @@ def _union_class_names(
     datasets: Sequence[Dataset],
     vocabulary: Vocabulary,
     base_classes: Sequence[str] = (),
-    wanted: set[str] | None = None,
+    wanted: dict[str, str] | None = None,
 ) -> list[str]:
     """Background and ``base_classes`` (in their order), then the vocabulary structures the
     datasets label (vocabulary order), then free-text classes; labels that differ only in
-    spelling (``Tumor_Core``, ``tumor core``) are one class. ``wanted``: the class keys to learn."""
+    spelling (``Tumor_Core``, ``tumor core``) are one class. ``wanted``: the class keys to learn
+    (key -> the name as asked for); each must be a label of some dataset."""
     by_key: dict[str, str] = {}
+    labelled: list[str] = []
     for dataset in datasets:
         for label_name in dataset.class_names[1:]:
             if label_name == IGNORE_LABEL:
                 continue
+            labelled.append(label_name)
             name = class_name(label_name, vocabulary)
             if wanted is None or class_key(name, vocabulary) in wanted:
                 by_key.setdefault(class_key(name, vocabulary), name)
+    missing = [asked for key, asked in (wanted or {}).items() if key not in by_key]
+    if missing:
+        shown = ", ".join(sorted(set(labelled))[:12]) + (" ..." if len(set(labelled)) > 12 else "")
+        raise DatasetError(
+            f"--structures {', '.join(repr(m) for m in missing)}: no dataset labels "
+            f"{'it' if len(missing) == 1 else 'them'}; the datasets label: {shown}"
+        )
     by_key.pop(BACKGROUND, None)
     base = [name for name in base_classes if name != BACKGROUND]
     for name in base:
@@ -353,10 +363,6 @@ def _union_class_names(
     names = set(by_key.values())
     known = [n for n in vocabulary.names if n in names]
     free = sorted(n for n in names if n not in vocabulary)
-    if wanted is not None and not known and not free and not base:
-        raise DatasetError(
-            "none of the datasets' labels is among the structures asked for; check --structures"
-        )
     if not known and not free and not base:
         raise DatasetError("the datasets name no structure besides background; nothing to train")
     return [BACKGROUND, *base, *known, *free]

@@ -345,7 +345,7 @@ class Trainer:
         dist.agree(lambda: self.folder.claim(config.resume, snapshot, config.data))
         if dist.main:
             self.folder.start_log()
-        LOG.info("voila train: %s", config.command or "(python API)")
+        LOG.info("command: %s", config.command or "(python API)")
         LOG.info("device %s, %d process(es), amp %s", device, dist.world, self.amp_dtype)
 
         self.vocabulary = self.load_vocabulary()
