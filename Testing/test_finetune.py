@@ -73,6 +73,10 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     assert card["preprocessing"] == base_card["preprocessing"]  # from the base, nothing repeated
     assert card["text_encoder"] == base_card["text_encoder"]
     assert "fine-tuned from tiny.safetensors" in training["summary"]
+    # the review map's calibration and the structures' places come from this run's validation case
+    review = card["review"]
+    assert review["fitted_on"].startswith("1 whole validation case(s)")
+    assert len(review["calibration"]["x"]) >= 2 and {"liver", "Tumor Core"} <= set(review["places"])
 
 
 def test_the_base_file_is_never_modified(finetuned):
@@ -116,7 +120,10 @@ def test_the_command_line_fine_tunes_with_one_line_errors(
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if "error" in line]  # progress lines may precede it
     assert code == 2 and errors == err[-1:], err
-    assert "--structures 'nothing like it': no dataset labels it; the datasets label: TumorCore, liver" in err[-1]
+    assert (
+        "--structures 'nothing like it': no dataset labels it; the datasets label: TumorCore, liver"
+        in err[-1]
+    )
     assert not (tmp_path / "s").exists()
 
 

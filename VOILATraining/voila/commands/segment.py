@@ -10,12 +10,13 @@ SUMMARY = "segment a CT from structure names"
 DESCRIPTION = (
     "Segment a CT (NIfTI, NRRD or a DICOM series folder) from the structures you name. "
     "Writes a labelmap on the input grid and OUT.json (label -> prompt, structure, SNOMED code, "
-    "colour, confidence, voxels, ml, found)."
+    "colour, confidence, voxels, ml, found, predicted Dice, check flag)."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from voila.device import DEVICE_HELP, device_argument
+    from voila.infer.results import HEATMAP_KINDS
     from voila.infer.segmenter import SCANS
 
     parser.add_argument("input", help="CT: .nii/.nii.gz/.nrrd file or a DICOM series folder")
@@ -29,7 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a structure to segment (repeat for several; commas, semicolons and line breaks also separate)",
     )
     parser.add_argument("-o", "--output", required=True, help="labelmap to write (.nii.gz, .nii or .nrrd)")
-    parser.add_argument("--heatmap", metavar="HEAT", help="also write the complexity heatmap volume here")
+    parser.add_argument(
+        "--heatmap", metavar="HEAT", help="also write the heatmap volume here (--heatmap-kind says which)"
+    )
+    parser.add_argument(
+        "--heatmap-kind",
+        choices=HEATMAP_KINDS,
+        default="review",
+        help="review (default): a value v means about v of such voxels were wrong on patients the model "
+        "never saw (calibrated, see README 'Reading the heatmap'); complexity: the raw CAS complexity map",
+    )
     parser.add_argument("--preview", metavar="PNG", help="also write a preview picture here")
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICE_HELP)
     parser.add_argument(
@@ -78,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompt,
         model=args.model,
         heatmap_path=args.heatmap,
+        heatmap_kind=args.heatmap_kind,
         preview_path=args.preview,
         device=args.device,
         overlap=args.overlap,
@@ -90,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(result.table())
+    checked = [p for p in result.prompts if p.found and p.check]
+    if checked:
+        print(
+            f"check: {', '.join(p.prompt for p in checked)} (expected quality low or found in an implausible "
+            "place; look at them before use)"
+        )
     print(f"labelmap: {args.output}\nsidecar:  {sidecar_path(Path(args.output))}")
     if args.heatmap:
         print(f"heatmap:  {args.heatmap}")

@@ -32,7 +32,8 @@ from scipy import ndimage
 from voila.data.geometry import box_region, inside_box, voxel_of, voxel_volume_ml
 from voila.data.preprocess import resample_to_grid
 from voila.errors import PromptError
-from voila.infer.results import SegmentationResult
+from voila.infer.results import SegmentationResult, heatmap_kind
+from voila.infer.review import body_normalised_centre, review_map, structure_quality
 from voila.infer.sliding_window import GridEncoding, GridPrediction, classify_tokens
 from voila.prompts import ResolvedPrompt, split_prompts
 from voila.vocabulary import class_key
@@ -53,8 +54,10 @@ class VolumeEncoding:
     """A volume's voxel tokens on the model grid (a region of it, for boxes or zoom), with what
     is needed to put results back on the input grid.
 
-    ``grid_shape``/``grid_affine``: the model grid; ``encoded``: its tokens (float16) and heatmap;
-    ``input_shape``/``input_affine``: the input grid; ``warnings``: the input's.
+    ``grid_shape``/``grid_affine``: the model grid; ``encoded``: its tokens (float16) and CAS
+    complexity heatmap (if asked); ``input_shape``/``input_affine``: the input grid; ``warnings``:
+    the input's; ``body``: the body on the model grid (bool ``grid_shape``; where structures are
+    placed relative to, for the "check this structure" flag).
     """
 
     segmenter: Any
@@ -65,27 +68,35 @@ class VolumeEncoding:
     input_affine: np.ndarray
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    body: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        """Memory the encoding holds (tokens and heatmap)."""
-        return self.encoded.nbytes
+        """Memory the encoding holds (tokens, heatmap, body mask)."""
+        return self.encoded.nbytes + (0 if self.body is None else int(self.body.nbytes))
 
     def segment(
         self,
         prompts: Sequence[str] | str,
         points: Mapping[str, Sequence[Point]] | None = None,
         boxes: Mapping[str, Box] | None = None,
-        heatmap: bool = True,
+        heatmap: bool | str | None = "review",
     ) -> SegmentationResult:
         """Segment ``prompts`` from the stored tokens (no network pass).
 
         ``points``: ``{prompt: [((R, A, S), positive), ...]}`` in world RAS mm (Slicer's world
         coordinates); ``boxes``: ``{prompt: ((R1, A1, S1), (R2, A2, S2))}``. A prompt named only
-        in ``points`` or ``boxes`` is added to the prompts. ``heatmap``: resample the stored
-        heatmap (if any) onto the input grid.
+        in ``points`` or ``boxes`` is added to the prompts. ``heatmap``: the heatmap to put on the
+        input grid: ``review`` (or True; the calibrated review map), ``complexity`` (the stored CAS
+        heatmap; the volume must have been encoded with it) or None. Every found prompt gets its
+        predicted Dice and "check this structure" flag whatever the heatmap.
         """
         started = time.perf_counter()
+        kind = heatmap_kind(heatmap)
+        if kind == "complexity" and self.encoded.heatmap is None:
+            raise PromptError(
+                "this volume was encoded without the complexity heatmap; encode it with heatmap=True"
+            )
         segmenter = self.segmenter
         names = split_prompts(prompts) if prompts else []
         for extra in (*(points or {}), *(boxes or {})):
@@ -123,6 +134,8 @@ class VolumeEncoding:
         results, grid_labels = segmenter._prompt_results(
             resolved, prediction, self.grid_affine, clicked=set(clicks)
         )
+        review = review_map(prediction.probability.numpy(), segmenter.review.get("calibration"))
+        self._assess(results, resolved, rows, grid_labels, review, prediction.runner_up.numpy())
         labelmap = resample_to_grid(
             grid_labels, self.grid_affine, self.input_shape, self.input_affine, order=0
         )
@@ -135,8 +148,12 @@ class VolumeEncoding:
             result.voxels = int(counts[result.label])
             result.volume_ml = round(result.voxels * voxel_ml, 3)
         heat = None
-        if heatmap and self.encoded.heatmap is not None:
-            grid_heat = _on_grid(self.encoded.heatmap, region, self.grid_shape, 0.0).numpy()
+        if kind is not None:
+            grid_heat = (
+                review
+                if kind == "review"
+                else _on_grid(self.encoded.heatmap, region, self.grid_shape, 0.0).numpy()
+            )
             heat = resample_to_grid(grid_heat, self.grid_affine, self.input_shape, self.input_affine, order=1)
             heat = np.clip(heat, 0.0, 1.0).astype(np.float32, copy=False)
         return SegmentationResult(
@@ -147,7 +164,34 @@ class VolumeEncoding:
             model=segmenter.model_summary(),
             seconds=time.perf_counter() - started,
             warnings=[*self.warnings, *notes],
+            heatmap_kind=kind,
+            calibration=str(
+                segmenter.review.get("fitted_on") or "not calibrated: the review map shows 1 - p"
+            ),
         )
+
+    def _assess(self, results, resolved, rows, grid_labels, review, runner_up) -> None:
+        """Each found prompt's predicted Dice and "check this structure" flag (in place), from the
+        review map ``review`` and the runner-up rows on the model grid; a trained structure is also
+        checked against where it lay in the training data."""
+        places = self.segmenter.review.get("places") or {}
+        for result, p, row in zip(results, resolved, rows):
+            if not result.found:
+                continue
+            mine = grid_labels == result.label
+            centre = None if self.body is None else body_normalised_centre(mine, self.body, self.grid_affine)
+            quality = structure_quality(
+                mine,
+                review,
+                (runner_up == row) & ~mine,
+                centre,
+                places.get(p.class_name) if p.trained else None,
+            )
+            result.predicted_dice, result.check, result.check_reason = (
+                quality.predicted_dice,
+                quality.check,
+                quality.reason,
+            )
 
     # -- clicks --------------------------------------------------------------------------------
     def _click_voxels(

@@ -66,6 +66,7 @@ def segment_file(
     model: PathLike | None = None,
     heatmap_path: PathLike | None = None,
     preview_path: PathLike | None = None,
+    heatmap_kind: str = "review",
     device: str = "auto",
     overlap: float = 0.5,
     series_uid: str | None = None,
@@ -78,8 +79,8 @@ def segment_file(
     """Read ``input_path``, segment ``prompts``, write the outputs; returns the
     :class:`~voila.infer.segmenter.SegmentationResult`. ``segmenter``: an already loaded one
     (kept warm by batch callers), else ``model`` is loaded on ``device``. ``points``, ``boxes``
-    and ``scan``: see :meth:`~voila.infer.segmenter.Segmenter.segment`. The heatmap is computed
-    only when it is written or previewed.
+    and ``scan``: see :meth:`~voila.infer.segmenter.Segmenter.segment`. The heatmap
+    (``heatmap_kind``: ``review`` or ``complexity``) is computed only when it is written or previewed.
 
     Before any work, every output is checked by :class:`voila.outputs.OutputSet`: none may be the
     input, the model, another output, a folder, or an existing file that an earlier ``voila
@@ -126,7 +127,7 @@ def segment_file(
             image,
             affine,
             prompts,
-            heatmap=bool(heatmap_path or preview_path),
+            heatmap=heatmap_kind if (heatmap_path or preview_path) else None,
             progress=progress,
             overlap=overlap,
             points=points,

@@ -1,5 +1,5 @@
 """A PNG a person wants to look at: three planes through the found structures, CT with coloured
-segments on top, the complexity heatmap below. Radiological convention (patient's right on the
+segments on top, the heatmap (review map or CAS complexity) below. Radiological convention (patient's right on the
 left of the image), labelled.
 """
 
@@ -62,6 +62,8 @@ def write_preview(
     side_labels = [("R", "L"), ("R", "L"), ("P", "A")]
 
     rows = 2 if heat_ras is not None else 1
+    review = getattr(result, "heatmap_kind", None) != "complexity"
+    heat_title = "review map" if review else "CAS complexity"
     figure, axes = plt.subplots(rows, 3, figsize=(15, 5.4 * rows), facecolor="black", squeeze=False)
     ct_planes = _planes(ct_ras, centre)
     overlays = [_planes(labels_ras, centre)]
@@ -106,13 +108,10 @@ def write_preview(
             left, right = side_labels[column]
             ax.text(0.02, 0.5, left, color="yellow", transform=ax.transAxes, fontsize=13, va="center")
             ax.text(0.96, 0.5, right, color="yellow", transform=ax.transAxes, fontsize=13, va="center")
-            what = "segments" if row == 0 else "complexity heatmap"
+            what = "segments" if row == 0 else heat_title
             ax.set_title(f"{names[column]} — {what}", color="white", fontsize=12)
             ax.axis("off")
-    handles = [
-        Patch(color=np.asarray(p.color) / 255.0, label=f"{p.display_name}: {p.volume_ml:.0f} ml")
-        for p in found
-    ]
+    handles = [Patch(color=np.asarray(p.color) / 255.0, label=_legend_label(p)) for p in found]
     missing = [p.prompt for p in result.prompts if not p.found]
     if handles:
         figure.legend(
@@ -125,7 +124,10 @@ def write_preview(
         )
     if heat_image is not None:
         bar = figure.colorbar(heat_image, ax=axes[1].tolist(), fraction=0.02, pad=0.01)
-        bar.set_label("complexity (1 = hard / uncertain)", color="white")
+        bar.set_label(
+            "share of such voxels wrong on unseen patients" if review else "CAS complexity (1 = hard)",
+            color="white",
+        )
         bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
     heading = title or "VOILA segmentation"
     if missing:
@@ -134,3 +136,11 @@ def write_preview(
     with atomic_path(path) if atomic else contextlib.nullcontext(path) as temporary:
         figure.savefig(temporary, dpi=90, facecolor="black", format="png")
     plt.close(figure)
+
+
+def _legend_label(p) -> str:
+    """``liver: 1520 ml, Dice ~0.91`` and ``CHECK`` for a flagged structure."""
+    text = f"{p.display_name}: {p.volume_ml:.0f} ml"
+    if p.predicted_dice is not None:
+        text += f", Dice ~{p.predicted_dice:.2f}"
+    return text + ("  CHECK" if p.check else "")

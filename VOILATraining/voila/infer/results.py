@@ -32,16 +32,52 @@ class PromptResult:
     volume_ml: float
     found: bool
     note: str = ""
+    predicted_dice: float | None = None  # expected quality from the review map's calibration
+    check: bool = False  # "check this structure": low predicted Dice or an implausible place
+    check_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["color"] = list(self.color)
         return values
 
+    @property
+    def status(self) -> str:
+        """``found``, ``CHECK: why`` or ``NOT FOUND: why`` (tables, legends, Slicer)."""
+        if not self.found:
+            return "NOT FOUND: " + self.note
+        return "CHECK: " + self.check_reason if self.check else "found"
+
+
+# What a heatmap volume holds, by kind (the sidecar and the Slicer module say it in these words).
+HEATMAP_KINDS = {
+    "review": (
+        "review map: a value v means that about v of the voxels with that value were labelled wrongly "
+        "on patients the model was not trained on (calibrated 1 - the winning class's probability)"
+    ),
+    "complexity": (
+        "CAS complexity in [0, 1]: where the model's complexity decoder expects hard voxels (the map that "
+        "steers VOILA's training sampling; it is not calibrated and finds errors less well than the review map)"
+    ),
+}
+
+
+def heatmap_kind(value: bool | str | None) -> str | None:
+    """``True`` → ``review`` (the map the product shows), ``False``/``None`` → None, or a kind."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "review"
+    if value not in HEATMAP_KINDS:
+        raise ValueError(f"heatmap must be one of {', '.join(HEATMAP_KINDS)}, not {value!r}")
+    return str(value)
+
 
 @dataclass
 class SegmentationResult:
-    """``labelmap`` uint8/uint16 and ``heatmap`` float32 (or None), both on the input grid."""
+    """``labelmap`` uint8/uint16 and ``heatmap`` float32 (or None), both on the input grid;
+    ``heatmap_kind``: what the heatmap is (:data:`HEATMAP_KINDS`); ``calibration``: what the
+    review map's calibration was fitted on."""
 
     labelmap: np.ndarray
     heatmap: np.ndarray | None
@@ -50,9 +86,12 @@ class SegmentationResult:
     model: dict[str, Any]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    heatmap_kind: str | None = None
+    calibration: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON sidecar: label → prompt, structure, SNOMED code, colour, confidence, voxels, ml."""
+        """The JSON sidecar: label → prompt, structure, SNOMED code, colour, confidence, voxels, ml,
+        predicted Dice and the "check this structure" flag."""
         return {
             "labels": [p.to_dict() for p in self.prompts],
             "model": self.model,
@@ -60,16 +99,22 @@ class SegmentationResult:
             "affine": np.asarray(self.affine).tolist(),
             "seconds": round(self.seconds, 2),
             "warnings": list(self.warnings),
-            "heatmap": "CAS complexity in [0, 1]: 1 = the model found the region hard / uncertain",
+            "heatmap_kind": self.heatmap_kind,
+            "heatmap": HEATMAP_KINDS.get(self.heatmap_kind or "", "none computed"),
+            "review_calibration": self.calibration,
         }
 
     def table(self) -> str:
-        """One line per prompt: label, prompt, structure, ml, confidence, found (or why not)."""
-        lines = [f"{'label':>5}  {'prompt':<24} {'structure':<22} {'ml':>9} {'confidence':>10}  found"]
+        """One line per prompt: label, prompt, structure, ml, confidence, predicted Dice, and
+        found / CHECK (with why) / NOT FOUND (with why)."""
+        lines = [
+            f"{'label':>5}  {'prompt':<24} {'structure':<22} {'ml':>9} {'confidence':>10} {'pred. Dice':>10}  result"
+        ]
         for p in self.prompts:
+            predicted = "-" if p.predicted_dice is None or not p.found else f"{p.predicted_dice:.2f}"
             lines.append(
                 f"{p.label:>5}  {p.prompt[:24]:<24} {(p.structure or 'open vocabulary')[:22]:<22} "
-                f"{p.volume_ml:>9.1f} {p.confidence:>10.2f}  {'yes' if p.found else 'NOT FOUND: ' + p.note}"
+                f"{p.volume_ml:>9.1f} {p.confidence:>10.2f} {predicted:>10}  {p.status}"
             )
         return "\n".join(lines)
 
@@ -91,4 +136,6 @@ class SegmentationResult:
             model=dict(values.get("model", {})),
             seconds=float(values.get("seconds", 0.0)),
             warnings=list(values.get("warnings", [])),
+            heatmap_kind=values.get("heatmap_kind"),
+            calibration=str(values.get("review_calibration", "")),
         )

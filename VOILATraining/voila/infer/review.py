@@ -10,19 +10,31 @@ which is what the table would be if the model were calibrated.
 Per structure, the same table gives an expected quality: the predicted Dice of the structure's
 region from the probabilities that its voxels are right and that nearby voxels should have been
 its; below :data:`CHECK_BELOW` the structure is flagged "check this structure". A structure whose
-centre lies far from where it lay in the training data is flagged too (an implausible place, such
-as a liver found in the heart).
+centre lies far, left-right or front-back, from where it lay in the training data is flagged too (an
+implausible place, such as a liver found in the heart). Head-feet is not checked: where a structure
+lies along the body depends on how much of the body the scan covers.
+
+The model card's ``review`` entry holds both::
+
+    {"calibration": {"x": [...], "y": [...]} or null, "fitted_on": "what the table was fitted on",
+     "places": {class name: {"mean": [lr, ap], "spread": [lr, ap]}}}
 
     table = fit_calibration(1 - probability, wrong)          # at training time, on held-out data
-    review = apply_calibration(1 - probability, table)       # at inference, per voxel
+    review = review_map(probability, table)                  # at inference, per voxel
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from voila.errors import ConfigError
 
 # Structures whose predicted Dice is below this are flagged for checking.
 CHECK_BELOW = 0.7
@@ -32,9 +44,16 @@ TABLE_POINTS = 32
 # lay in training is an implausible place; the spread is at least MIN_SPREAD of the body.
 PLACE_TOLERANCE = 3.0
 MIN_SPREAD = 0.08
+# The axes (world RAS) a place is checked on: left-right and front-back.
+PLACE_AXES = (0, 1)
+PLACE_AXIS_NAMES = ("left-right", "front-back")
+# At most this many voxels (a random sample) fit a calibration table.
+CALIBRATION_SAMPLE = 2_000_000
 
 
-def fit_calibration(score: np.ndarray, wrong: np.ndarray, points: int = TABLE_POINTS) -> dict[str, list[float]]:
+def fit_calibration(
+    score: np.ndarray, wrong: np.ndarray, points: int = TABLE_POINTS
+) -> dict[str, list[float]]:
     """An isotonic map from ``score`` (higher: more likely wrong) to the observed share of wrong
     voxels (pool-adjacent-violators on score-sorted bins), as ``{"x": [...], "y": [...]}`` knots
     for :func:`apply_calibration`."""
@@ -71,6 +90,99 @@ def apply_calibration(score: np.ndarray, table: Mapping[str, Sequence[float]] | 
     return np.interp(score, table["x"], table["y"]).astype(np.float32)
 
 
+def check_table(table: Any, where: str) -> dict[str, list[float]]:
+    """A calibration table as stored (``{"x", "y"}``: increasing scores in [0, 1], shares in
+    [0, 1], at most 1000 knots), or :class:`~voila.errors.ConfigError` saying what is wrong."""
+    try:
+        x = [float(v) for v in table["x"]]
+        y = [float(v) for v in table["y"]]
+    except (TypeError, KeyError, ValueError):
+        raise ConfigError(f'{where}: a calibration table is {{"x": [...], "y": [...]}} of numbers') from None
+    ok = 1 <= len(x) == len(y) <= 1000 and all(0 <= v <= 1 for v in x + y)
+    if not ok or any(b < a for a, b in zip(x, x[1:])) or any(b < a for a, b in zip(y, y[1:])):
+        raise ConfigError(
+            f"{where}: the calibration table needs 1-1000 knots, x and y non-decreasing within [0, 1]"
+        )
+    return {"x": x, "y": y}
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, Any]:
+    """A calibration file ``{"calibration": table, "fitted_on": "..."}`` (JSON, at most 1 MB)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise ConfigError(f"calibration file {path} is over 1 MB; it holds one small table")
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"calibration {path}: {error}; give 'validation' or a JSON calibration file"
+        ) from None
+    if not isinstance(content, dict) or "calibration" not in content:
+        raise ConfigError(f"calibration file {path} has no 'calibration' table")
+    return {
+        "calibration": check_table(content["calibration"], str(path)),
+        "fitted_on": str(content.get("fitted_on", path.name))[:500],
+    }
+
+
+def review_map(probability: np.ndarray, table: Mapping[str, Sequence[float]] | None) -> np.ndarray:
+    """The review map from the winning class's probability ``p`` (any shape): calibrated ``1 - p``."""
+    return apply_calibration(1.0 - np.asarray(probability, dtype=np.float32), table)
+
+
+def body_mask(image: np.ndarray, preprocessing) -> np.ndarray:
+    """The body on a model grid: voxels of the normalised ``image`` above the preprocessing's
+    foreground threshold (-500 HU by default)."""
+    return np.asarray(image) > preprocessing.normalise(preprocessing.foreground_threshold)
+
+
+class CalibrationSample:
+    """Collects ``(1 - p, wrong)`` pairs from validation cases (a bounded random sample) and fits
+    the table."""
+
+    def __init__(self, limit: int = CALIBRATION_SAMPLE, seed: int = 0) -> None:
+        self.limit, self.rng = limit, np.random.default_rng(seed)
+        self.scores: list[np.ndarray] = []
+        self.wrong: list[np.ndarray] = []
+        self.cases = 0
+
+    def add(self, probability: np.ndarray, wrong: np.ndarray) -> None:
+        """One case's winning-class probabilities and wrong-voxel mask (body voxels, flat)."""
+        score = 1.0 - np.asarray(probability, dtype=np.float32).ravel()
+        wrong = np.asarray(wrong, dtype=bool).ravel()
+        if len(score) > self.limit:
+            keep = self.rng.choice(len(score), self.limit, replace=False)
+            score, wrong = score[keep], wrong[keep]
+        self.scores.append(score)
+        self.wrong.append(wrong)
+        self.cases += 1
+
+    @property
+    def voxels(self) -> int:
+        return int(sum(len(s) for s in self.scores))
+
+    def fit(self) -> dict[str, list[float]] | None:
+        """The calibration table, or None without any voxel."""
+        if not self.voxels:
+            return None
+        return fit_calibration(np.concatenate(self.scores), np.concatenate(self.wrong))
+
+
+def place_statistics(centres: Mapping[str, Sequence[np.ndarray]]) -> dict[str, dict[str, list[float]]]:
+    """``{class: [body-normalised centre (3,), one per case]}`` → the card's ``places``: mean
+    and spread (standard deviation, at least :data:`MIN_SPREAD`) on :data:`PLACE_AXES`."""
+    places = {}
+    for name, values in centres.items():
+        if not len(values):
+            continue
+        stacked = np.asarray(values, dtype=np.float64)[:, PLACE_AXES]
+        places[name] = {
+            "mean": [round(float(v), 4) for v in stacked.mean(0)],
+            "spread": [round(float(max(v, MIN_SPREAD)), 4) for v in stacked.std(0)],
+        }
+    return places
+
+
 @dataclass
 class StructureQuality:
     """Expected quality of one structure's result: ``predicted_dice`` in [0, 1], ``review_share``
@@ -95,7 +207,8 @@ def structure_quality(
     that went to another class with this structure second (those are its voxels with probability
     about ``wrong_probability``). Expected true positives ``Σ_mine (1 - q)``, expected missed
     ``Σ_runner-up (q)``: Dice ≈ 2 TP / (|mine| + TP + missed). ``centre`` / ``expected_place``:
-    the structure's body-normalised centre and the training data's ``{"mean", "spread"}``.
+    the structure's body-normalised centre ``(3,)`` and the training data's ``{"mean", "spread"}``
+    on :data:`PLACE_AXES`.
     """
     count = int(mine.sum())
     if count == 0:
@@ -111,10 +224,10 @@ def structure_quality(
     if centre is not None and expected_place:
         mean = np.asarray(expected_place["mean"], dtype=np.float64)
         spread = np.maximum(np.asarray(expected_place["spread"], dtype=np.float64), MIN_SPREAD)
-        distance = np.abs(np.asarray(centre, dtype=np.float64) - mean) / spread
+        distance = np.abs(np.asarray(centre, dtype=np.float64)[list(PLACE_AXES)] - mean) / spread
         if float(distance.max()) > PLACE_TOLERANCE:
-            axis = "left-right front-back head-feet".split()[int(distance.argmax())]
-            reasons.append(f"found far from where it lies in the training data ({axis})")
+            axis = PLACE_AXIS_NAMES[int(distance.argmax())]
+            reasons.append(f"found far ({axis}) from where it lay in the training data")
     return StructureQuality(round(predicted, 4), round(share, 4), bool(reasons), "; ".join(reasons))
 
 

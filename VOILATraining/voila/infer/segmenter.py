@@ -5,8 +5,8 @@ Example::
     segmenter = Segmenter.load()                 # the shipped demo model, loaded once
     result = segmenter.segment(ct, affine, ["liver", "left kidney", "aorta"])
     result.labelmap          # on the input grid: 0 = background, i = prompts[i - 1]
-    result.heatmap           # complexity in [0, 1] on the input grid (1 = hard)
-    result.prompts[0].volume_ml
+    result.heatmap           # the review map on the input grid: about v of voxels valued v are wrong
+    result.prompts[0].volume_ml, result.prompts[0].predicted_dice, result.prompts[0].check
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from voila.data.preprocess import PreprocessingConfig, preprocess_volume
 from voila.device import autocast_dtype, resolve_device
 from voila.errors import InputImageError, InsufficientMemoryError, PromptError, VoilaError
 from voila.infer.encoding import Box, Point, VolumeEncoding, region_of_boxes
-from voila.infer.results import PromptResult, SegmentationResult
+from voila.infer.results import PromptResult, SegmentationResult, heatmap_kind
+from voila.infer.review import body_mask
 from voila.infer.sliding_window import broken_model_error, classify_tokens, count_windows, encode_grid
 from voila.model.model_file import LoadedModel, load_model
 from voila.model.text_encoder import TextEncoder, text_encoder_id
@@ -73,6 +74,8 @@ class Segmenter:
         self.classes: list[str] = list(self.card["classes"])
         self.template = self.card.get("prompt_template", DEFAULT_TEMPLATE)
         self.patch_size = tuple(self.card["model"]["patch_size"])
+        # The review map's calibration and where structures lay in training (voila.infer.review).
+        self.review: dict[str, Any] = dict(self.card.get("review") or {})
         encoder = self.card["text_encoder"]
         self.text_cache.set_encoder_factory(
             lambda: TextEncoder(encoder["model_name"], encoder.get("pretrained"), device="cpu"),
@@ -149,7 +152,7 @@ class Segmenter:
         zoom_prompts: Sequence[str] | None = None,
     ) -> VolumeEncoding:
         """Run the network once over ``image`` ``[i, j, k]`` (voxel→RAS ``affine``): its voxel
-        tokens (float16) on the model grid, and the complexity heatmap if asked.
+        tokens (float16) on the model grid, and the CAS complexity heatmap if ``heatmap``.
 
         ``within``: world boxes; only the windows covering them (plus half a patch of context)
         run. ``zoom_prompts``: zoom-out-zoom-in (:meth:`zoom_out`) finds these structures first
@@ -179,6 +182,7 @@ class Segmenter:
             affine,
             notes,
             time.perf_counter() - started,
+            body=body_mask(grid.image[0].numpy(), self.preprocessing),
         )
 
     def segment(
@@ -186,7 +190,7 @@ class Segmenter:
         image: np.ndarray,
         affine: np.ndarray,
         prompts: Sequence[str] | str,
-        heatmap: bool = True,
+        heatmap: bool | str | None = "review",
         progress: Callable[[float], None] | None = None,
         cancel: threading.Event | None = None,
         overlap: float = 0.5,
@@ -200,7 +204,8 @@ class Segmenter:
 
         ``scan``: ``full`` (every window), ``zoom`` (zoom-out-zoom-in: a fast pass finds each
         prompted structure's extent, then the full-quality windows run only there) or ``auto``
-        (zoom when it pays off: a few prompts, a large volume, no heatmap).
+        (zoom when it pays off: a few prompts, a large volume, no heatmap). ``heatmap``: ``review``
+        (or True), ``complexity`` or None (:meth:`VolumeEncoding.segment`).
         """
         started = time.perf_counter()
         if scan not in SCANS:
@@ -219,14 +224,15 @@ class Segmenter:
             and self._zoom_pays_off(scan, image, affine, names, heatmap, overlap)
         ):
             zoom = names
-        encoding = self.encode(image, affine, heatmap, progress, cancel, overlap, within, zoom)
+        complexity = heatmap_kind(heatmap) == "complexity"
+        encoding = self.encode(image, affine, complexity, progress, cancel, overlap, within, zoom)
         result = encoding.segment(names, points, boxes, heatmap=heatmap)
         result.seconds = time.perf_counter() - started
         if progress:
             progress(1.0)
         return result
 
-    def _zoom_pays_off(self, scan, image, affine, names, heatmap: bool, overlap: float) -> bool:
+    def _zoom_pays_off(self, scan, image, affine, names, heatmap, overlap: float) -> bool:
         if scan == "zoom":
             return bool(names)
         if scan != "auto" or heatmap or not names or len(names) > AUTO_ZOOM_MAX_PROMPTS:

@@ -186,6 +186,7 @@ def check_card(card: dict[str, Any], path: Path) -> None:
     if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
         raise damaged("text_cache", "expected a list of sentences")
     for key, reader in (
+        ("review", _check_review),
         ("model", lambda value: ModelConfig.from_dict(_mapping(value))),
         ("preprocessing", lambda value: PreprocessingConfig.from_dict(_mapping(value))),
         ("vocabulary", lambda value: Vocabulary.from_dict(_mapping(value)) if value is not None else None),
@@ -195,6 +196,27 @@ def check_card(card: dict[str, Any], path: Path) -> None:
         except Exception as error:  # any way a hand-edited entry can fail to read
             detail = " ".join(str(error).split())[:160] or type(error).__name__
             raise damaged(key, detail) from None
+
+
+def _check_review(review: Any) -> None:
+    """The ``review`` entry (absent in older files): a calibration table or null, and places."""
+    from voila.infer.review import check_table
+
+    if review is None:
+        return
+    review = _mapping(review)
+    if review.get("calibration") is not None:
+        check_table(review["calibration"], "review")
+    for name, place in _mapping(review.get("places") or {}).items():
+        place = _mapping(place)
+        for key in ("mean", "spread"):
+            values = place.get(key)
+            if not (
+                isinstance(values, list)
+                and len(values) == 2
+                and all(isinstance(v, (int, float)) for v in values)
+            ):
+                raise ValueError(f"places[{name!r}].{key} must be two numbers")
 
 
 def _mapping(value: Any) -> dict[str, Any]:

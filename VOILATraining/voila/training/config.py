@@ -290,6 +290,17 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("val_every", "run", "int", 1, "validate every N epochs", low=1),
     Setting(
+        "calibration",
+        "run",
+        "str",
+        "validation",
+        "the review map's calibration (model card): 'validation' fits it on the whole held-out "
+        "validation cases at export (none when validating on training cases), or a JSON file "
+        '{"calibration": {"x": [...], "y": [...]}, "fitted_on": "..."} fitted elsewhere '
+        "(e.g. by Testing/benchmarks/bench_heatmap.py on patients a model of the same recipe never saw)",
+        metavar="validation|FILE",
+    ),
+    Setting(
         "val_overlap",
         "run",
         "float",
@@ -445,6 +456,8 @@ def load_train_config(
         for key in ("out", "export"):
             if isinstance(values.get(key), str):
                 values[key] = str(_resolve(base, values[key]))
+        if isinstance(values.get("calibration"), str) and values["calibration"] != "validation":
+            values["calibration"] = str(_resolve(base, values["calibration"]))  # a file next to the YAML
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
@@ -484,6 +497,10 @@ def validate(config: TrainConfig) -> None:
         if not Path(path).exists():
             raise ConfigError(f"training data {path} does not exist; check the --data path")
     check_device_name(config.device)
+    if config.calibration != "validation":
+        from voila.infer.review import load_calibration
+
+        load_calibration(config.calibration)
 
 
 def _flatten(values: dict[str, Any], where: str) -> dict[str, Any]:

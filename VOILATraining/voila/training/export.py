@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from voila.model.config import ModelConfig
@@ -113,12 +114,65 @@ def default_description(data, model_config: ModelConfig) -> str:
     )
 
 
+def review_entry(config, data, preprocessing, calibration=None) -> dict[str, Any]:
+    """The card's ``review`` entry (:mod:`voila.infer.review`): the calibration table fitted on
+    the whole validation cases (``calibration``: their :class:`CalibrationSample`) or read from
+    the ``calibration`` file, and where each structure lies in the training cases."""
+    from voila.infer.review import load_calibration
+
+    if config.calibration != "validation":
+        entry = load_calibration(config.calibration)
+    elif calibration is not None and calibration.voxels:
+        entry = {
+            "calibration": calibration.fit(),
+            "fitted_on": f"{calibration.cases} whole validation case(s), {calibration.voxels} body voxels",
+        }
+    else:
+        reason = (
+            "validation used the training cases"
+            if data.validating_on_training_cases
+            else "no validation cases"
+        )
+        entry = {"calibration": None, "fitted_on": f"not calibrated ({reason}): the review map shows 1 - p"}
+    entry["places"] = training_places(data, preprocessing)
+    return entry
+
+
+def training_places(data, preprocessing) -> dict[str, dict[str, list[float]]]:
+    """Body-normalised centre of each structure in the training cases that label it
+    (:func:`voila.infer.review.place_statistics`)."""
+    from voila.infer.review import body_mask, body_normalised_centre, place_statistics
+
+    centres: dict[str, list] = {}
+    for index in data.train_indices:
+        case = data.cases[index]
+        image, label = case.volumes()
+        body = body_mask(image[0].numpy(), preprocessing)
+        values = label[0].numpy()
+        affine = np.asarray(image.affine, dtype=np.float64)
+        present = np.bincount(values.ravel(), minlength=len(data.class_names) + 1)
+        for c in range(1, len(data.class_names)):
+            if bool(case.annotated[c]) and present[c]:
+                centre = body_normalised_centre(values == c, body, affine)
+                if centre is not None:
+                    centres.setdefault(data.class_names[c], []).append(centre)
+    return place_statistics(centres)
+
+
 def export_model(
-    path: Path, built: BuiltModel, record: dict[str, Any], config, data, model_config: ModelConfig
+    path: Path,
+    built: BuiltModel,
+    record: dict[str, Any],
+    config,
+    data,
+    model_config: ModelConfig,
+    review: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``built`` (weights already chosen) with its card and training record to ``path``."""
+    """Write ``built`` (weights already chosen) with its card, training record and ``review``
+    entry to ``path``."""
     card = dict(
         built.card,
+        review=review or {"calibration": None, "fitted_on": "not calibrated", "places": {}},
         training=record,
         description=config.description or default_description(data, model_config),
         intended_use=config.intended_use,

@@ -46,6 +46,7 @@ from torch import nn
 from voila.data.preprocess import PreprocessingConfig
 from voila.device import autocast_dtype, resolve_device
 from voila.errors import ConfigError, ModelFileError, TrainingError
+from voila.infer.review import CalibrationSample
 from voila.model.config import ModelConfig, load_preset
 from voila.model.factory import BuiltModel, create_model
 from voila.model.model_file import LoadedModel
@@ -55,7 +56,7 @@ from voila.training.checkpoint import capture_rng, load_checkpoint, restore_rng,
 from voila.training.config import TrainConfig
 from voila.training.data import PatchDataset, TrainingData, epoch_keys, patch_transforms
 from voila.training.distributed import Distributed
-from voila.training.export import RunTotals, export_model, training_record
+from voila.training.export import RunTotals, export_model, review_entry, training_record
 from voila.training.report import MetricsTable, TensorBoardLog, plot_curves, plot_validation
 from voila.training.run_folder import RunFolder
 from voila.training.validation import ValidationResult, validate_cases
@@ -695,7 +696,11 @@ class Trainer:
             best_epoch=self.best_epoch,
             best_scores=self.best_scores,
         )
-        if self.config.val_windows and self.data.val_indices:  # once, whole cases: the figure the card gives
+        calibration = None
+        fit_here = self.config.calibration == "validation" and not self.data.validating_on_training_cases
+        if self.data.val_indices and (self.config.val_windows or fit_here):
+            # once, whole cases: the figure the card gives, and the review map's calibration
+            calibration = CalibrationSample(seed=self.config.seed) if fit_here else None
             final = validate_cases(
                 exported.model.to(self.device),
                 self.features,
@@ -707,6 +712,8 @@ class Trainer:
                 device=self.device,
                 amp_dtype=self.amp_dtype,
                 picture=False,
+                calibration=calibration,
+                body_threshold=self.preprocessing.normalise(self.preprocessing.foreground_threshold),
             )
             exported.model.cpu()
             LOG.info(
@@ -715,8 +722,19 @@ class Trainer:
                 final.seconds,
             )
             totals.final_dice, totals.final_scores = final.mean, final.per_class
+        review = review_entry(self.config, self.data, self.preprocessing, calibration)
+        base = self.base_model()
+        if base is not None:  # fine-tuning: what the new cases cannot tell comes from the base
+            base_review = base.card.get("review") or {}
+            for name, place in (base_review.get("places") or {}).items():
+                review["places"].setdefault(name, place)
+            if review["calibration"] is None and base_review.get("calibration"):
+                review["calibration"] = base_review["calibration"]
+                review["fitted_on"] = f"the base model's: {base_review.get('fitted_on', '')}"
         record = self.training_record(totals, source)
-        path = export_model(self.folder.model, exported, record, self.config, self.data, self.model_config)
+        path = export_model(
+            self.folder.model, exported, record, self.config, self.data, self.model_config, review
+        )
         LOG.info("model exported to %s (%s weights)", path, source)
         return path
 

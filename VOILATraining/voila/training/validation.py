@@ -54,6 +54,8 @@ def validate_cases(
     windows: int = 0,
     seed: int = 0,
     picture: bool = True,
+    calibration=None,
+    body_threshold: float = float("-inf"),
 ) -> ValidationResult:
     """Dice of every annotated structure of the cases at ``indices`` (:class:`PreparedCase`s).
 
@@ -61,8 +63,10 @@ def validate_cases(
     all (spread over the cases, each centred on a labelled structure, the same ones every time for
     a given ``seed``), scored together: a bounded cost, so that frequent validation of a few-case
     run stays a small share of its time. The first case is kept as a picture (with its CAS
-    heatmap; ``picture=False``: none, and no heatmap is computed). ``model`` is left in eval mode;
-    the caller switches it back to training.
+    heatmap; ``picture=False``: none, and no heatmap is computed). ``calibration``: a
+    :class:`voila.infer.review.CalibrationSample` that receives each part's winning-class
+    probability and wrong voxels (annotated voxels of the body, image above ``body_threshold``).
+    ``model`` is left in eval mode; the caller switches it back to training.
     """
     started = time.monotonic()
     model.eval()
@@ -100,6 +104,12 @@ def validate_cases(
             reference_volume = part_label[0].numpy().astype(np.int64)
             known = reference_volume < len(class_names)  # outside the annotated region: not scored
             predicted, reference = predicted_volume[known], reference_volume[known]
+            if calibration is not None:
+                scored = known & (part_image[0].numpy() > body_threshold)
+                calibration.add(
+                    prediction.probability.numpy()[scored],
+                    predicted_volume[scored] != reference_volume[scored],
+                )
             both = np.bincount(reference[predicted == reference], minlength=len(class_names))
             overlap_sum += 2 * both[: len(class_names)]
             size_sum += np.bincount(predicted, minlength=len(class_names))[: len(class_names)]

@@ -1,0 +1,255 @@
+"""The review map and per-structure flags: calibration, expected quality, implausible places."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from voila import cli
+from voila.data.io import read_image
+from voila.data.phantoms import write_phantom_dataset
+from voila.data.preprocess import PreprocessingConfig, preprocess_volume, resample_to_grid
+from voila.errors import ConfigError, ModelFileError
+from voila.infer.results import HEATMAP_KINDS, SegmentationResult
+from voila.infer.review import (
+    CalibrationSample,
+    apply_calibration,
+    body_mask,
+    body_normalised_centre,
+    check_table,
+    fit_calibration,
+    load_calibration,
+    structure_quality,
+)
+from voila.infer.segmenter import Segmenter
+from voila.training.data import TrainingData
+from voila.training.export import training_places
+from voila.vocabulary import Vocabulary
+
+
+def expected_calibration_error(probability, wrong, bins=10):
+    which = np.clip((probability * bins).astype(int), 0, bins - 1)
+    return sum(
+        (which == b).mean() * abs(probability[which == b].mean() - wrong[which == b].mean())
+        for b in range(bins)
+        if (which == b).any()
+    )
+
+
+# -- calibration ---------------------------------------------------------------------------------
+def test_the_isotonic_table_turns_an_overconfident_score_into_observed_error_rates():
+    rng = np.random.default_rng(0)
+    score = rng.beta(0.5, 3, 400_000)  # mostly confident voxels, as in a CT
+    wrong = rng.random(score.shape) < np.sqrt(score)  # really wrong far more often than 1 - p says
+    table = fit_calibration(score[::2], wrong[::2])
+    assert len(table["x"]) <= 32 and np.all(np.diff(table["y"]) >= 0)
+    held_out = apply_calibration(score[1::2], table)
+    raw = expected_calibration_error(score[1::2], wrong[1::2])
+    calibrated = expected_calibration_error(held_out, wrong[1::2])
+    assert raw > 0.15 and calibrated < 0.02, (raw, calibrated)
+
+
+def test_a_calibration_sample_stays_bounded_and_keeps_its_error_rate():
+    sample = CalibrationSample(limit=1000, seed=0)
+    probability = np.full(50_000, 0.9, np.float32)
+    wrong = np.arange(50_000) % 4 == 0
+    sample.add(probability, wrong)
+    sample.add(probability[:10], wrong[:10])
+    assert sample.voxels == 1010 and sample.cases == 2
+    assert np.concatenate(sample.wrong)[:1000].mean() == pytest.approx(0.25, abs=0.05)
+    assert CalibrationSample().fit() is None
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"x": [0, 0.5], "y": [0.2, 0.1]}, "non-decreasing"),
+        ({"x": [0, 2], "y": [0, 1]}, "within"),
+        ({"x": [0, 0.5]}, "of numbers"),
+        ({"x": [], "y": []}, "1-1000 knots"),
+    ],
+)
+def test_a_broken_calibration_table_is_refused_with_what_to_fix(table, message):
+    with pytest.raises(ConfigError, match=message):
+        check_table(table, "t")
+
+
+def test_a_calibration_file_is_read_checked_and_size_bounded(tmp_path):
+    good = tmp_path / "c.json"
+    good.write_text(json.dumps({"calibration": {"x": [0, 1], "y": [0.01, 0.9]}, "fitted_on": "2 CTs"}))
+    assert load_calibration(good) == {
+        "calibration": {"x": [0.0, 1.0], "y": [0.01, 0.9]},
+        "fitted_on": "2 CTs",
+    }
+    huge = tmp_path / "h.json"
+    with open(huge, "wb") as stream:
+        stream.truncate(2 << 20)  # sparse: 2 MB of nothing
+    with pytest.raises(ConfigError, match="over 1 MB"):
+        load_calibration(huge)
+    with pytest.raises(ConfigError, match="no 'calibration'"):
+        (tmp_path / "e.json").write_text("{}")
+        load_calibration(tmp_path / "e.json")
+
+
+# -- per structure -------------------------------------------------------------------------------
+def test_predicted_dice_follows_the_review_map_and_flags_below_the_threshold():
+    mine = np.zeros((20, 20, 20), bool)
+    mine[5:15, 5:15, 5:15] = True
+    nothing = np.zeros_like(mine)
+    sure = structure_quality(mine, np.full(mine.shape, 0.01, np.float32), nothing)
+    assert sure.predicted_dice > 0.98 and not sure.check
+    doubtful = structure_quality(mine, np.full(mine.shape, 0.6, np.float32), nothing)
+    assert doubtful.predicted_dice < 0.7 and doubtful.check and "predicted Dice" in doubtful.reason
+    missed = np.zeros_like(mine)
+    missed[15:18, 5:15, 5:15] = True  # voxels this structure lost to a neighbour, on the fence
+    assert structure_quality(mine, np.full(mine.shape, 0.3, np.float32), missed).predicted_dice < (
+        structure_quality(mine, np.full(mine.shape, 0.3, np.float32), nothing).predicted_dice
+    )
+
+
+def test_a_structure_found_on_the_wrong_side_is_flagged_as_an_implausible_place():
+    mine = np.zeros((20, 20, 20), bool)
+    mine[2:6, 8:12, 8:12] = True
+    body = np.ones_like(mine)
+    centre = body_normalised_centre(mine, body, np.eye(4))
+    assert centre[0] < 0.3
+    place = {"mean": [0.8, 0.5], "spread": [0.05, 0.05]}  # in training it lay on the other side
+    quality = structure_quality(
+        mine, np.full(mine.shape, 0.01, np.float32), np.zeros_like(mine), centre, place
+    )
+    assert quality.check and "left-right" in quality.reason
+    here = {"mean": [float(centre[0]), float(centre[1])], "spread": [0.05, 0.05]}
+    assert not structure_quality(
+        mine, np.full(mine.shape, 0.01, np.float32), np.zeros_like(mine), centre, here
+    ).check
+
+
+def test_training_places_and_inference_centres_agree_for_any_file_orientation(tmp_path):
+    """Where training records a structure and where inference finds it are the same world place
+    (left is left), also for a file stored in another orientation."""
+    data_root = write_phantom_dataset(
+        tmp_path / "data", 1, shape=(32, 32, 32), spacing=(3, 3, 3), val_fraction=0
+    )
+    preprocessing = PreprocessingConfig(spacing=(3, 3, 3))
+    prepared = TrainingData.prepare(
+        [data_root], preprocessing, Vocabulary.load(), need_validation_cases=False
+    )
+    places = training_places(prepared, preprocessing)
+    assert {"liver", "spleen", "kidney_left", "kidney_right"} <= set(places)
+    assert (
+        places["liver"]["mean"][0] > places["spleen"]["mean"][0]
+    )  # RAS: x grows towards the patient's right
+    case = next(p for p in data_root.iterdir() if p.is_dir())
+    ct, affine = read_image(case / "ct.nii.gz")
+    liver, _ = read_image(case / "segmentations" / "liver.nii.gz")
+    # the same world, stored left-right and front-back reversed
+    flipped_affine = affine @ np.array(
+        [[-1, 0, 0, ct.shape[0] - 1], [0, -1, 0, ct.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float
+    )
+    for image, mask, grid_affine in (
+        (ct, liver, affine),
+        (ct[::-1, ::-1], liver[::-1, ::-1], flipped_affine),
+    ):
+        grid = preprocess_volume(np.ascontiguousarray(image), grid_affine, preprocessing)
+        shape = grid.image.shape[1:]
+        on_grid = resample_to_grid(np.ascontiguousarray(mask), grid_affine, shape, grid.affine, order=0) > 0
+        centre = body_normalised_centre(on_grid, body_mask(grid.image[0].numpy(), preprocessing), grid.affine)
+        assert np.allclose(centre[:2], places["liver"]["mean"], atol=0.03), (centre, places["liver"])
+
+
+# -- in the engine, the sidecar and the command line ---------------------------------------------
+@pytest.fixture(scope="module")
+def phantom_ct(tmp_path_factory):
+    root = write_phantom_dataset(
+        tmp_path_factory.mktemp("ct"), 1, shape=(40, 40, 40), spacing=(5, 5, 5), seed=7, val_fraction=0
+    )
+    path = next(p for p in root.iterdir() if p.is_dir()) / "ct.nii.gz"
+    return path, *read_image(path)
+
+
+@pytest.fixture(scope="module")
+def encoded(resources, sample_ct):
+    """The shipped demo model's encoding of the bundled CT (with the stored CAS heatmap)."""
+    from voila.resources import DEMO_MODEL
+
+    segmenter = Segmenter.load(resources / DEMO_MODEL, device="cpu")
+    ct, affine = sample_ct
+    return segmenter, segmenter.encode(ct, affine, heatmap=True, overlap=0.25)
+
+
+ALL = ["liver", "spleen", "left kidney", "right kidney", "aorta"]
+
+
+def test_the_default_heatmap_is_the_review_map_and_every_found_structure_has_its_expected_quality(
+    encoded, sample_ct
+):
+    segmenter, encoding = encoded
+    result = encoding.segment(ALL)
+    assert result.heatmap_kind == "review" and result.heatmap.shape == sample_ct[0].shape
+    assert 0 <= result.heatmap.min() and result.heatmap.max() <= 1
+    found = [p for p in result.prompts if p.found]
+    assert len(found) >= 3, "the demo model finds these organs on the CT it was trained on"
+    for p in found:
+        assert 0 <= p.predicted_dice <= 1 and p.check == (p.predicted_dice < 0.7 or bool(p.check_reason))
+        assert p.status.startswith("CHECK: ") if p.check else p.status == "found"
+    sidecar = result.to_dict()
+    assert sidecar["heatmap_kind"] == "review" and sidecar["heatmap"] == HEATMAP_KINDS["review"]
+    again = SegmentationResult.from_dict(json.loads(json.dumps(sidecar)), result.labelmap, result.heatmap)
+    assert [(p.predicted_dice, p.check, p.check_reason) for p in again.prompts] == [
+        (p.predicted_dice, p.check, p.check_reason) for p in result.prompts
+    ]
+    assert "pred. Dice" in result.table()
+
+
+def test_the_card_calibration_shapes_the_review_map_and_the_complexity_map_stays_available(encoded):
+    segmenter, encoding = encoded
+    saved = dict(segmenter.review)
+    try:
+        segmenter.review["calibration"] = {"x": [0.0, 1.0], "y": [0.3, 0.3]}  # "30 % wrong, whatever p"
+        flat = encoding.segment(ALL)
+        assert np.allclose(flat.heatmap, 0.3, atol=1e-6)
+        complexity = encoding.segment(ALL, heatmap="complexity")
+        assert complexity.heatmap_kind == "complexity" and not np.allclose(complexity.heatmap, 0.3)
+        assert encoding.segment(ALL, heatmap=None).heatmap is None
+    finally:
+        segmenter.review = saved
+
+
+def test_a_structure_found_far_from_its_training_place_is_flagged(encoded):
+    segmenter, encoding = encoded
+    found = [p for p in encoding.segment(ALL).prompts if p.found]
+    target = found[0]
+    saved = dict(segmenter.review)
+    try:
+        centre = [0.5, 0.5]
+        segmenter.review["places"] = {target.structure: {"mean": [5.0, centre[1]], "spread": [0.1, 0.1]}}
+        flagged = next(p for p in encoding.segment(ALL).prompts if p.label == target.label)
+        assert flagged.check and "left-right" in flagged.check_reason
+    finally:
+        segmenter.review = saved
+
+
+def test_a_damaged_review_entry_is_a_one_line_model_file_error(tiny_model_path, tmp_path):
+    from voila.model.model_file import load_model, save_model
+
+    loaded = load_model(tiny_model_path)
+    card = dict(loaded.card, review={"calibration": {"x": [0, 1], "y": [0.9, 0.1]}, "places": {}})
+    broken = tmp_path / "broken.safetensors"
+    save_model(broken, loaded.model, card, loaded.text_cache)
+    with pytest.raises(ModelFileError, match="'review' is damaged"):
+        Segmenter.load(broken, device="cpu")
+
+
+def test_the_command_line_writes_the_kind_asked_for(tiny_model_path, phantom_ct, tmp_path, capsys):
+    path = phantom_ct[0]
+    out = tmp_path / "seg.nii.gz"
+    code = cli.main(["segment", str(path), "-m", str(tiny_model_path), "-p", "liver", "-o", str(out),
+                           "--heatmap", str(tmp_path / "heat.nii.gz"), "--heatmap-kind", "complexity",
+                           "--device", "cpu", "--quiet"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "pred. Dice" in printed
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["heatmap_kind"] == "complexity" and "CAS complexity" in sidecar["heatmap"]
+    assert nib.load(str(tmp_path / "heat.nii.gz")).shape == phantom_ct[1].shape
