@@ -48,6 +48,11 @@ COMMON_STRUCTURES = (
     "sacrum",
 )
 CUSTOM_MODEL = "custom"
+# The heatmaps the module offers, by kind (voila.infer.results.HEATMAP_KINDS says what each holds).
+HEATMAP_CHOICES = (
+    ("review", _("Review map (where to double-check)")),
+    ("complexity", _("CAS complexity (raw)")),
+)
 
 POLL_INTERVAL_MS = 200
 # A placed or moved point, or a changed box, re-segments this long after the last change, so a
@@ -67,12 +72,25 @@ class VOILASegmenter(ScriptedLoadableModule):
 left kidney</i>). Names of structures the model was trained on are matched to the model's vocabulary
 (synonyms, side words and abbreviations are understood); other text is tried as an open-vocabulary
 prompt. Each found structure becomes a segment with standard colour and DICOM/SNOMED terminology.
-The <b>complexity heatmap</b> shows where the model found classification hard: review those regions
-first.<br><br>
+The <b>review map</b> shows where to double-check: a value <i>v</i> means that about <i>v</i> of the
+voxels with that value were labelled wrongly on patients the model was not trained on (0.3: about 3 in
+10 such voxels were wrong). The result table gives each structure's <b>predicted Dice</b> and marks
+<b>CHECK</b> where a structure deserves a second look (its tooltip says why: a low predicted Dice, or
+a place far from where the structure lay in the training data). Under <b>Outputs</b> the raw
+<b>CAS complexity</b> map (where the model's complexity decoder expects hard voxels; not calibrated)
+can be chosen instead.<br><br>
 <b>Refine with clicks</b>: choose a structure, then place <i>Inside</i> points on it, <i>Outside</i>
 points on what it must leave out (their labels start with "-"), or a <i>Box</i> it must stay in.
 Any name works with a click. Each change re-segments in about a second, from the encoding the
 worker keeps of the last volumes.<br><br>
+<b>Teach</b> the model from your own segmentations: correct a result in Segment Editor (or draw
+one), choose that segmentation under <i>Teach</i>, check the segments to learn, optionally
+<i>Add pair</i> for more CT + segmentation pairs, and press <i>Teach</i>. A segment named after a
+structure the model knows (<i>liver</i>, <i>left kidney</i>) teaches that structure; any other name
+(<i>Tumor core</i>) becomes a new structure that can then be typed like any other. The model chosen
+under <b>Model and device</b> is the starting point and is never changed: training runs in the
+background for the minutes set (<i>Stop</i> ends it sooner and keeps what was learned), and the new
+model is saved in your VOILA model folder, listed under <b>Model and device</b> and selected.<br><br>
 Train a model on your own labelled CTs from the Python console:
 <pre>
 import voila
@@ -95,6 +113,9 @@ class VOILASegmenterParameterNode:
     inputVolume: CT to segment. prompts: comma-separated structure names. model: registry name or
     "custom"; modelPath: the custom .safetensors file. device: "auto", "cpu", "cuda:0", "mps".
     overlap: sliding-window overlap. outputSegmentation/heatmapVolume: results (created when empty).
+    heatmapKind: "review" (the review map) or "complexity" (raw CAS complexity); computed only
+    while showHeatmap is on. teachSegmentation: the segmentation of inputVolume to teach from;
+    teachMinutes: how long a teaching run trains at most.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -106,7 +127,10 @@ class VOILASegmenterParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     heatmapVolume: vtkMRMLScalarVolumeNode
     showHeatmap: bool = True
+    heatmapKind: str = "review"
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+    teachSegmentation: vtkMRMLSegmentationNode
+    teachMinutes: Annotated[int, WithinRange(1, 600)] = 10
 
 
 def _formatSeconds(seconds: Optional[float]) -> str:
@@ -138,6 +162,12 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobRefines = False  # the running job came from clicks: errors go to the status line
         self._observedVolume = None
         self._lastSpatialPrompts = None  # (volume ID, points, boxes) of the last run started
+        self._jobTeaches = False  # the running job is a teaching run
+        self._userModelPaths: set[str] = set()  # the taught models the model chooser lists
+        # Pairs to teach from besides the current choice: (CT volume ID, segmentation ID, [segment ID]).
+        self._teachPairs: list[tuple[str, str, list[str]]] = []
+        self._observedTeachSegmentation = None
+        self._listedTeachSegmentationID = None
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -152,9 +182,13 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.commonStructuresComboBox.addItems(list(COMMON_STRUCTURES))
         # The heatmap goes only into a heatmap VOILA created (or a new one): never into a user's volume.
         self.ui.heatmapVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", "VOILA.ComplexityHeatmap", "1")
+        for kind, label in HEATMAP_CHOICES:
+            self.ui.heatmapKindComboBox.addItem(label, kind)
         self.ui.progressBar.setVisible(False)
         self.ui.resultsTableWidget.setVisible(False)
         self.ui.resultsTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        self.ui.teachPairsTableWidget.setVisible(False)
+        self.ui.teachPairsTableWidget.horizontalHeader().setSectionResizeMode(2, qt.QHeaderView.Stretch)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -165,6 +199,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.showHeatmapCheckBox.connect("toggled(bool)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapKindComboBox.connect("currentIndexChanged(int)", self.onHeatmapKindChanged)
         self.ui.heatmapOpacitySliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
         self.ui.heatmapColorTableComboBox.connect(
             "currentNodeChanged(vtkMRMLNode*)", self.onHeatmapColorChanged
@@ -173,6 +208,10 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.outsidePointButton.connect("clicked()", self.onOutsidePoint)
         self.ui.boxButton.connect("clicked()", self.onBox)
         self.ui.clearClicksButton.connect("clicked()", self.onClearClicks)
+        self.ui.teachSegmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.onTeachSegmentChecked)
+        self.ui.teachAddPairButton.connect("clicked()", self.onAddTeachPair)
+        self.ui.teachRemovePairButton.connect("clicked()", self.onRemoveTeachPair)
+        self.ui.teachButton.connect("clicked()", self.onTeachButton)
 
         self._setUpLibraries()
         self.initializeParameterNode()
@@ -200,6 +239,9 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from VOILASegmenterLib.logic import loadTerminology
 
         loadTerminology()  # segment terminology pickers know all 117 structures from the start
+        self.ui.teachHintLabel.text = _(
+            "Taught models are saved in {folder} and listed under Model and device."
+        ).format(folder=self.logic.userModelDir)
         self._populateModels()
         self._populateDevices()
         self._populateCompleter()
@@ -214,6 +256,10 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.clear()
         for entry in self._modelEntries:
             self.ui.modelComboBox.addItem(entry.name, entry.name)
+        taught = models.user_models(self.logic.userModelDir)  # newest first
+        self._userModelPaths = {str(path) for path in taught}
+        for path in taught:
+            self.ui.modelComboBox.addItem(_("{name} (your model)").format(name=path.stem), str(path))
         self.ui.modelComboBox.addItem(_("Custom model file"), CUSTOM_MODEL)
         self.ui.modelComboBox.blockSignals(wasBlocked)
 
@@ -271,6 +317,9 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
         self._refineTimer.stop()
         self._observeMarkups(None)
+        self._observeTeachSegmentation(None)
+        self._teachPairs = []
+        self._showTeachPairs()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -304,34 +353,41 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.currentPath = node.modelPath
         deviceIndex = self.ui.deviceComboBox.findData(node.device)
         self.ui.deviceComboBox.setCurrentIndex(max(deviceIndex, 0))
+        kindIndex = self.ui.heatmapKindComboBox.findData(node.heatmapKind)
+        self.ui.heatmapKindComboBox.setCurrentIndex(max(kindIndex, 0))
         self.onModelChanged()
 
     def _updateGui(self, caller=None, event=None) -> None:
         node = self._parameterNode
         running = self.job is not None
-        if running:
+        if running and not self._jobTeaches:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
             self.ui.applyButton.enabled = True
         else:
             self.ui.applyButton.text = _("Segment")
             ready = bool(node and node.inputVolume and node.prompts.strip())
-            self.ui.applyButton.enabled = ready
-            self.ui.applyButton.toolTip = (
-                _("Segment the listed structures.")
-                if ready
-                else _("Select a CT volume and type structure names.")
-            )
+            self.ui.applyButton.enabled = ready and not running
+            if running:
+                self.ui.applyButton.toolTip = _("VOILA is teaching a model: wait for it, or stop it.")
+            else:
+                self.ui.applyButton.toolTip = (
+                    _("Segment the listed structures.")
+                    if ready
+                    else _("Select a CT volume and type structure names.")
+                )
         custom = self.ui.modelComboBox.currentData == CUSTOM_MODEL
         self.ui.modelPathLineEdit.setVisible(custom)
         self.ui.modelPathLabel.setVisible(custom)
         heatmap = node.heatmapVolume if node else None
+        self.ui.heatmapKindComboBox.enabled = bool(node and node.showHeatmap)
         self.ui.heatmapColorTableComboBox.enabled = heatmap is not None
         if heatmap is not None and heatmap.GetDisplayNode():
             wasBlocked = self.ui.heatmapColorTableComboBox.blockSignals(True)
             self.ui.heatmapColorTableComboBox.setCurrentNode(heatmap.GetDisplayNode().GetColorNode())
             self.ui.heatmapColorTableComboBox.blockSignals(wasBlocked)
         self._updateRefineGui()
+        self._updateTeachGui()
 
     # --- refine with clicks ----------------------------------------------------------------------
 
@@ -480,6 +536,11 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.ui.modelComboBox.currentData
         return next((entry for entry in self._modelEntries if entry.name == name), None)
 
+    def _selectedUserModel(self):
+        """The chosen taught model file (listed from the user model folder), else None."""
+        path = self.ui.modelComboBox.currentData
+        return path if path in self._userModelPaths else None
+
     def onModelChanged(self, index=None) -> None:
         if self._parameterNode and self.ui.modelComboBox.currentData is not None:
             self._parameterNode.model = self.ui.modelComboBox.currentData
@@ -508,6 +569,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.modelComboBox.currentData == CUSTOM_MODEL:
             path = self.ui.modelPathLineEdit.currentPath
             return path or None
+        if self._selectedUserModel():
+            return self._selectedUserModel()
         entry = self._selectedEntry()
         if entry is None:
             return None
@@ -546,6 +609,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not path:
                 raise ValueError(_("choose a model file (.safetensors) or select a registered model"))
             return path, None
+        if self._selectedUserModel():
+            return self._selectedUserModel(), None
         entry = self._selectedEntry()
         if entry is None:
             return None, None
@@ -642,7 +707,8 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             progress=self.onProgress,
             waitForCompletion=False,
             overlap=node.overlap,
-            computeHeatmap=node.showHeatmap,  # the heatmap costs about a third of a run: only when shown
+            # only when shown; the CAS complexity map costs about a third of a run on a new volume
+            heatmapKind=node.heatmapKind if node.showHeatmap else None,
             showHeatmap=node.showHeatmap,
             heatmapOpacity=node.heatmapOpacity,
             points=points,
@@ -673,7 +739,10 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             outcome = job.poll()
         except Cancelled:
-            self._jobEnded(_("Cancelled; nothing was changed."))
+            if self._jobTeaches:
+                self._jobEnded(_("Stopped before the training began; no model was saved."))
+            else:
+                self._jobEnded(_("Cancelled; nothing was changed."))
             return
         except VoilaError as error:
             self._jobEnded(_("Failed: {error}").format(error=error))
@@ -681,12 +750,17 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(error))
             return
         except Exception as error:
-            logging.exception("VOILA segmentation failed")
+            teaching = self._jobTeaches
+            logging.exception("VOILA teaching failed" if teaching else "VOILA segmentation failed")
             self._jobEnded(_("Failed: {error}").format(error=error))
             if not refining:
-                slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
+                failed = _("Teaching failed: {error}") if teaching else _("Segmentation failed: {error}")
+                slicer.util.errorDisplay(failed.format(error=error))
             return
         if outcome is None:
+            return
+        if self._jobTeaches:
+            self._showTaughtModel(outcome)
             return
         if self._segmentAfterDownload:  # the model is here now: segment with it
             self._showModelCard()
@@ -720,6 +794,7 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self.job = None
         self._jobRefines = False
+        self._jobTeaches = False
         self.ui.progressBar.setVisible(False)
         self.ui.statusLabel.text = message
         self._updateGui()
@@ -733,20 +808,231 @@ class VOILASegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row, record in enumerate(outcome.segments):
             colour = qt.QTableWidgetItem()
             colour.setBackground(qt.QBrush(qt.QColor(*record.color)))
+            assessed = record.found and record.predictedDice is not None
+            check = qt.QTableWidgetItem(_("CHECK") if record.found and record.check else "")
             cells = [
                 qt.QTableWidgetItem(record.name + (" " + _("(free text)") if record.openVocabulary else "")),
                 colour,
                 qt.QTableWidgetItem(f"{record.volumeMl:.1f}" if record.found else "-"),
                 qt.QTableWidgetItem(f"{record.confidence:.2f}" if record.found else "-"),
                 qt.QTableWidgetItem(_("yes") if record.found else _("no")),
+                qt.QTableWidgetItem(f"{record.predictedDice:.2f}" if assessed else "-"),
+                check,
             ]
-            if record.note:
+            if record.note:  # why it was not found
                 cells[0].setToolTip(record.note)
+                cells[4].setToolTip(record.note)
+            if record.found and record.check:
+                font = check.font()
+                font.setBold(True)
+                check.setFont(font)
+                check.setToolTip(record.checkReason or _("Check this structure."))
             for column, cell in enumerate(cells):
                 table.setItem(row, column, cell)
         table.setVisible(True)
 
+    # --- teach -----------------------------------------------------------------------------------
+
+    def _updateTeachGui(self) -> None:
+        node = self._parameterNode
+        segmentation = node.teachSegmentation if node else None
+        if segmentation is not self._observedTeachSegmentation:
+            self._observeTeachSegmentation(segmentation)
+        teaching = self.job is not None and self._jobTeaches
+        if teaching:
+            self.ui.teachButton.text = _("Stop")
+            self.ui.teachButton.toolTip = _("Stop teaching now; the model learned so far is saved.")
+            self.ui.teachButton.enabled = True
+        else:
+            self.ui.teachButton.text = _("Teach")
+            ready = self.job is None and bool(self._teachPairIDs())
+            self.ui.teachButton.enabled = ready
+            if self.job is not None:
+                self.ui.teachButton.toolTip = _("VOILA is busy with a run; teach when it has finished.")
+            elif ready:
+                self.ui.teachButton.toolTip = _(
+                    "Teach the model chosen under Model and device from the checked segments."
+                )
+            else:
+                self.ui.teachButton.toolTip = _(
+                    "Choose a CT volume, its segmentation and the segments to learn."
+                )
+        self.ui.teachAddPairButton.enabled = self._currentTeachPair() is not None
+        self.ui.teachRemovePairButton.enabled = bool(self._teachPairs)
+
+    def _observeTeachSegmentation(self, segmentation) -> None:
+        """List ``segmentation``'s segments, and list them again whenever they change."""
+        self.removeObservers(self.onTeachSegmentsChanged)
+        self._observedTeachSegmentation = segmentation
+        if segmentation is not None:
+            for event in (
+                slicer.vtkSegmentation.SegmentAdded,
+                slicer.vtkSegmentation.SegmentRemoved,
+                slicer.vtkSegmentation.SegmentModified,
+            ):
+                self.addObserver(segmentation, event, self.onTeachSegmentsChanged)
+        self._listTeachSegments()
+
+    def onTeachSegmentsChanged(self, caller=None, event=None) -> None:
+        self._listTeachSegments()
+        self._updateTeachGui()
+
+    def _listTeachSegments(self) -> None:
+        """One checkable row per segment; a segment stays checked while its segmentation is shown."""
+        segmentation = self._observedTeachSegmentation
+        segmentationID = segmentation.GetID() if segmentation is not None else None
+        checked = (
+            set(self._checkedSegmentIDs()) if segmentationID == self._listedTeachSegmentationID else set()
+        )
+        self._listedTeachSegmentationID = segmentationID
+        listWidget = self.ui.teachSegmentsListWidget
+        wasBlocked = listWidget.blockSignals(True)
+        listWidget.clear()
+        if segmentation is not None:
+            segments = segmentation.GetSegmentation()
+            for index in range(segments.GetNumberOfSegments()):
+                segmentID = segments.GetNthSegmentID(index)
+                item = qt.QListWidgetItem(segments.GetNthSegment(index).GetName())
+                item.setData(qt.Qt.UserRole, segmentID)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if segmentID in checked else qt.Qt.Unchecked)
+                listWidget.addItem(item)
+        listWidget.blockSignals(wasBlocked)
+
+    def _checkedSegmentIDs(self) -> list:
+        listWidget = self.ui.teachSegmentsListWidget
+        items = [listWidget.item(row) for row in range(listWidget.count)]
+        return [item.data(qt.Qt.UserRole) for item in items if item.checkState() == qt.Qt.Checked]
+
+    def onTeachSegmentChecked(self, item=None) -> None:
+        self._updateTeachGui()
+
+    def _currentTeachPair(self):
+        """``(CT volume ID, segmentation ID, [segment ID])`` of the current choice, or None."""
+        node = self._parameterNode
+        segmentIDs = self._checkedSegmentIDs()
+        if not node or not node.inputVolume or not node.teachSegmentation or not segmentIDs:
+            return None
+        return node.inputVolume.GetID(), node.teachSegmentation.GetID(), segmentIDs
+
+    def _teachPairIDs(self) -> list:
+        """The listed pairs, then the current choice unless it is listed already."""
+        pairs = list(self._teachPairs)
+        current = self._currentTeachPair()
+        if current is not None and current not in pairs:
+            pairs.append(current)
+        return pairs
+
+    def onAddTeachPair(self) -> None:
+        """Keep the current CT, segmentation and checked segments as a pair; another CT and
+        segmentation can then be chosen."""
+        current = self._currentTeachPair()
+        if current is not None and current not in self._teachPairs:
+            self._teachPairs.append(current)
+        self._showTeachPairs()
+        self._updateTeachGui()
+
+    def onRemoveTeachPair(self) -> None:
+        row = self.ui.teachPairsTableWidget.currentRow()
+        if 0 <= row < len(self._teachPairs):
+            del self._teachPairs[row]
+        elif self._teachPairs:
+            self._teachPairs.pop()
+        self._showTeachPairs()
+        self._updateTeachGui()
+
+    def _showTeachPairs(self) -> None:
+        table = self.ui.teachPairsTableWidget
+        table.setRowCount(len(self._teachPairs))
+        scene = slicer.mrmlScene
+        for row, (volumeID, segmentationID, segmentIDs) in enumerate(self._teachPairs):
+            volume, segmentation = scene.GetNodeByID(volumeID), scene.GetNodeByID(segmentationID)
+            segments = segmentation.GetSegmentation() if segmentation is not None else None
+            names = [
+                segments.GetSegment(segmentID).GetName()
+                for segmentID in segmentIDs
+                if segments is not None and segments.GetSegment(segmentID) is not None
+            ]
+            cells = (
+                volume.GetName() if volume is not None else _("(removed)"),
+                segmentation.GetName() if segmentation is not None else _("(removed)"),
+                ", ".join(names),
+            )
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.setVisible(bool(self._teachPairs))
+
+    def onTeachButton(self) -> None:
+        if self.job is not None:
+            if self._jobTeaches:
+                self.job.cancel()
+                self.ui.statusLabel.text = _("Stopping after the current step; what was learned is saved...")
+                self.ui.teachButton.enabled = False
+            return
+        if not self._ensureDependencies():
+            return
+        from voila.errors import VoilaError
+
+        node = self._parameterNode
+        scene = slicer.mrmlScene
+        pairs = [
+            (scene.GetNodeByID(volumeID), scene.GetNodeByID(segmentationID), segmentIDs)
+            for volumeID, segmentationID, segmentIDs in self._teachPairIDs()
+        ]
+        try:
+            basePath, downloadRequest = self._modelToRun()
+            if downloadRequest is not None:
+                raise ValueError(
+                    _(
+                        "the chosen model is not on this computer yet: press Segment once to download it, "
+                        "or choose another model to teach"
+                    )
+                )
+            self.job = self.logic.teach(
+                pairs,
+                basePath,
+                minutes=node.teachMinutes,
+                device=node.device,
+                progress=self.onProgress,
+                waitForCompletion=False,
+            )
+        except (VoilaError, ValueError) as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self._jobTeaches = True
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setVisible(True)
+        self.ui.statusLabel.text = _("Teaching for up to {minutes} min...").format(minutes=node.teachMinutes)
+        self._timer.start()
+        self._updateGui()
+
+    def _showTaughtModel(self, outcome) -> None:
+        """List the new model under Model and device, select it and say what it learned."""
+        self._populateModels()
+        index = self.ui.modelComboBox.findData(str(outcome.modelPath))
+        self.ui.modelComboBox.setCurrentIndex(max(index, 0))
+        self.onModelChanged()
+        added = ", ".join(outcome.addedClasses) or _("none")
+        done = (
+            _("Stopped after {minutes} min; what it learned was saved")
+            if outcome.stopped
+            else _("Taught in {minutes} min")
+        )
+        self._jobEnded(
+            done.format(minutes=f"{outcome.minutes:.1f}")
+            + " "
+            + _("as '{name}', now selected under Model and device. New structures: {added}.").format(
+                name=outcome.modelPath.stem, added=added
+            )
+        )
+
     # --- heatmap display -------------------------------------------------------------------------
+
+    def onHeatmapKindChanged(self, index=None) -> None:
+        """The kind applies from the next run (a run with clicks included)."""
+        kind = self.ui.heatmapKindComboBox.currentData
+        if self._parameterNode and kind:
+            self._parameterNode.heatmapKind = kind
 
     def onHeatmapDisplayChanged(self, *args) -> None:
         node = self._parameterNode

@@ -2,8 +2,8 @@
 
     python Testing/slicer/render_screenshots.py [--prompts "liver, spleen, left kidney"] [--out DIR]
 
-Writes ``segments.png`` (CT + segments as a label layer) and ``heatmap.png`` (CT + complexity
-heatmap as the foreground layer) to ``Resources/Screenshots/``. The slice logic's reslice and blend
+Writes ``segments.png`` (CT + segments as a label layer) and ``heatmap.png`` (CT + review map,
+the module's default heatmap, as the foreground layer) to ``Resources/Screenshots/``. The slice logic's reslice and blend
 pipeline (``vtkMRMLSliceLogic.GetImageDataConnection()``) is pure VTK image processing, so it runs
 headless; segments are drawn through a label-map export because the segmentation displayable
 manager needs a render window.

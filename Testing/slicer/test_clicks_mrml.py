@@ -201,7 +201,7 @@ def reference(module_scene, ct) -> np.ndarray:
 def first_run(logic, ct):
     """The first run on the CT, which encodes it: ``(seconds, encoding memory after it)``."""
     started = time.monotonic()
-    outcome = logic.process(ct, ["liver"], None, overlap=OVERLAP, computeHeatmap=False)
+    outcome = logic.process(ct, ["liver"], None, overlap=OVERLAP, heatmapKind=None)
     assert outcome.segments[0].found
     return time.monotonic() - started, logic.encodingMemory
 
@@ -217,9 +217,7 @@ def liver_point(ct, reference) -> np.ndarray:
 
 def run(logic, volume, prompts):
     points, boxes = logic.spatialPrompts(volume, prompts)
-    return logic.process(
-        volume, prompts, None, overlap=OVERLAP, computeHeatmap=False, points=points, boxes=boxes
-    )
+    return logic.process(volume, prompts, None, overlap=OVERLAP, heatmapKind=None, points=points, boxes=boxes)
 
 
 def only_mask(outcome, volume) -> np.ndarray:
@@ -247,7 +245,7 @@ def test_a_second_run_on_the_same_volume_is_answered_from_the_kept_encoding(logi
     assert memory_after_first.volumes >= 1 and memory_after_first.bytes > 0
     before = logic.encodingMemory
     started = time.monotonic()
-    logic.process(ct, ["liver", "spleen"], None, overlap=OVERLAP, computeHeatmap=False)
+    logic.process(ct, ["liver", "spleen"], None, overlap=OVERLAP, heatmapKind=None)
     seconds = time.monotonic() - started
     assert logic.encodingMemory == before, "no new encoding for a volume the worker holds"
     assert seconds < 0.25 * first_seconds, f"{seconds:.1f} s again after {first_seconds:.1f} s first"

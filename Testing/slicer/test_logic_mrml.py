@@ -104,6 +104,8 @@ def test_each_found_prompt_becomes_a_segment_named_coloured_and_coded_from_the_v
 
 
 def test_segmentation_and_heatmap_live_on_the_input_grid_and_the_heatmap_is_shown(scene, logic):
+    from VOILASegmenterLib import mrml_io
+
     ct = load_volume(scene)
     outcome = logic.process(ct, ["liver"], None, heatmapOpacity=0.35, overlap=OVERLAP)
     segmentation_node, heatmap = outcome.segmentation, outcome.heatmap
@@ -125,7 +127,37 @@ def test_segmentation_and_heatmap_live_on_the_input_grid_and_the_heatmap_is_show
     assert composite.GetForegroundVolumeID() == heatmap.GetID()
     assert composite.GetBackgroundVolumeID() == ct.GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.35)
-    assert heatmap.GetDisplayNode().GetColorNode().GetName() == "VOILA Complexity"
+    assert heatmap.GetDisplayNode().GetColorNode().GetName() == mrml_io.HEATMAP_COLOR_NAME
+    # the default heatmap is the review map, and the volume says so
+    assert outcome.heatmapKind == "review"
+    assert heatmap.GetAttribute(mrml_io.HEATMAP_KIND_ATTRIBUTE) == "review"
+    assert heatmap.GetName() == f"{ct.GetName()} {mrml_io.HEATMAP_NAMES['review']}"
+    (record,) = outcome.segments
+    assert record.found and 0.0 <= record.predictedDice <= 1.0
+    segment = segmentation_node.GetSegmentation().GetSegment(record.segmentId)
+    tag = vtk.reference("")
+    assert segment.GetTag(mrml_io.PREDICTED_DICE_TAG, tag) and float(str(tag)) == pytest.approx(
+        record.predictedDice, abs=1e-4
+    )
+    assert segment.GetTag(mrml_io.CHECK_TAG, tag) and str(tag) == ("1" if record.check else "0")
+
+
+def test_the_complexity_heatmap_is_offered_and_renames_a_review_map_it_replaces(scene, logic):
+    from voila.errors import OutputError
+    from VOILASegmenterLib import mrml_io
+
+    ct = load_volume(scene)
+    review = logic.process(ct, ["liver"], None, overlap=OVERLAP)
+    complexity = logic.process(
+        ct, ["liver"], None, heatmapVolume=review.heatmap, heatmapKind="complexity", overlap=OVERLAP
+    )
+    assert complexity.heatmap is review.heatmap and complexity.heatmapKind == "complexity"
+    assert complexity.heatmap.GetAttribute(mrml_io.HEATMAP_KIND_ATTRIBUTE) == "complexity"
+    assert complexity.heatmap.GetName() == f"{ct.GetName()} {mrml_io.HEATMAP_NAMES['complexity']}"
+    values = slicer.util.arrayFromVolume(complexity.heatmap)
+    assert 0.0 <= values.min() and values.max() <= 1.0
+    with pytest.raises(OutputError, match="heatmap must be one of review, complexity"):
+        logic.process(ct, ["liver"], None, heatmapKind="hard", overlap=OVERLAP)
 
 
 def test_results_agree_for_lps_ordered_and_transformed_copies_of_the_same_ct(scene, logic):

@@ -89,13 +89,15 @@ def test_the_heatmap_volume_copies_the_input_grid_and_parent_transform(scene):
     ct.SetAndObserveTransformNodeID(transform.GetID())
     values = np.random.default_rng(0).random(slicer.util.arrayFromVolume(ct).shape).astype(np.float32)
     heatmap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "heatmap")
-    mrml_io.write_heatmap(heatmap, values, ct)
+    mrml_io.write_heatmap(heatmap, values, ct, "review")
     assert np.allclose(matrix(heatmap.GetIJKToRASMatrix), matrix(ct.GetIJKToRASMatrix))
     assert heatmap.GetTransformNodeID() == transform.GetID()
     assert np.array_equal(slicer.util.arrayFromVolume(heatmap), values)
     display = heatmap.GetDisplayNode()
     assert display.GetColorNode().GetName() == mrml_io.HEATMAP_COLOR_NAME
     assert (display.GetWindow(), display.GetLevel()) == pytest.approx((1.0, 0.5))
+    assert heatmap.GetAttribute(mrml_io.HEATMAP_KIND_ATTRIBUTE) == "review"
+    assert heatmap.GetName() == "heatmap", "a name the user gave is kept"
 
 
 def test_node_in_scene_notices_a_removed_node(scene):

@@ -73,10 +73,15 @@ def test_every_parameter_is_bound_to_a_widget_or_handled_in_code():
         assert re.search(rf"_parameterNode\.{parameter}\s*=", source), parameter
 
 
-def test_the_result_table_has_the_five_documented_columns():
+def test_the_result_table_has_the_documented_columns_and_fills_each_of_them():
     table = ui_widgets()["resultsTableWidget"]
     headers = [column.find("property/string").text for column in table.findall("column")]
-    assert headers == ["Structure", "Colour", "Volume (ml)", "Confidence", "Found"]
+    assert headers == ["Structure", "Colour", "Volume (ml)", "Confidence", "Found", "Predicted Dice", "Check"]
+    assert table.find("property[@name='columnCount']/number").text == str(len(headers))
+    source = MODULE.read_text(encoding="utf-8")
+    cells = source[source.index("def _showResults") :]
+    cells = cells[cells.index("cells = [") : cells.index("]\n", cells.index("cells = ["))]
+    assert cells.count("\n") - 1 == len(headers), "one cell per column in _showResults"
 
 
 def widget_methods() -> set[str]:

@@ -3,6 +3,12 @@
     logic = VOILASegmenterLogic()
     outcome = logic.process(ctNode, ["liver", "spleen", "left kidney"], outputSegmentation=None)
     outcome.segmentation, outcome.heatmap, outcome.notFound
+    outcome.segments[0].predictedDice, outcome.segments[0].check, outcome.segments[0].checkReason
+
+The heatmap is the review map by default (``heatmapKind="review"``): a value v means that about v
+of the voxels with that value were labelled wrongly on patients the model was not trained on
+(:data:`voila.infer.results.HEATMAP_KINDS`); ``heatmapKind="complexity"`` gives the raw CAS
+complexity map instead, and ``None`` none.
 
 The model runs in a separate Python process (:class:`voila.worker.Worker`; ``PythonSlicer`` in
 Slicer), never on the GUI thread and never in a Python thread of Slicer's process: PythonQt holds
@@ -27,16 +33,33 @@ it holds.
 
     points, boxes = logic.spatialPrompts(ctNode, "my organ")
     logic.process(ctNode, "my organ", outputSegmentation=None, points=points, boxes=boxes)
+
+Teaching: :meth:`VOILASegmenterLogic.teach` fine-tunes a model (:func:`voila.finetune`, in the
+worker) on CTs and the segments chosen from their segmentations, and saves the new model in
+:attr:`VOILASegmenterLogic.userModelDir` under a name of its own:
+
+    outcome = logic.teach([(ctNode, segmentationNode, ["Segment_1", "Segment_2"])], minutes=10)
+    outcome.modelPath, outcome.addedClasses, outcome.stopped
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
-from voila.errors import Cancelled, InputImageError, OutputError, PromptError, VoilaError
+from voila.errors import (
+    Cancelled,
+    InputImageError,
+    ModelFileError,
+    OutputError,
+    PromptError,
+    VoilaError,
+)
 
 try:  # inside 3D Slicer: the module's logic class, owner of its parameter node
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -62,9 +85,16 @@ class InputRemovedError(VoilaError):
     """The input volume left the scene (or changed size) while it was being segmented."""
 
 
+class TeachingInputError(VoilaError):
+    """The CTs, segmentations or segments chosen to teach from cannot be used; nothing was written."""
+
+
 @dataclass
 class SegmentRecord:
-    """One prompt's outcome as shown in the module's result table."""
+    """One prompt's outcome as shown in the module's result table. ``predictedDice`` (None: not
+    assessed, e.g. not found), ``check`` and ``checkReason``: the expected quality of a found
+    structure and whether, and why, it deserves a second look (:mod:`voila.infer.review`);
+    ``note``: why a prompt was not found."""
 
     prompt: str
     name: str
@@ -75,6 +105,9 @@ class SegmentRecord:
     openVocabulary: bool
     segmentId: Optional[str] = None
     note: str = ""
+    predictedDice: Optional[float] = None
+    check: bool = False
+    checkReason: str = ""
 
 
 @dataclass
@@ -89,6 +122,32 @@ class SegmentationOutcome:
     @property
     def notFound(self) -> list[str]:
         return [record.prompt for record in self.segments if not record.found]
+
+    @property
+    def toCheck(self) -> list[str]:
+        """Prompts found but flagged "check this structure"."""
+        return [record.prompt for record in self.segments if record.found and record.check]
+
+    @property
+    def heatmapKind(self) -> Optional[str]:
+        """What :attr:`heatmap` holds: ``review``, ``complexity`` or None (no heatmap)."""
+        return None if self.result is None else self.result.heatmap_kind
+
+
+@dataclass
+class TeachOutcome:
+    """A taught model: ``modelPath`` (in the user model folder), the classes it added to its base
+    (``addedClasses``; the structures it was ``taught`` may also be classes the base knew), the
+    minutes it trained, and whether it was ``stopped`` before its time was up (saved all the same,
+    with what it had learned)."""
+
+    modelPath: Any
+    basePath: Any
+    taught: list[str]
+    addedClasses: list[str]
+    minutes: float
+    stopped: bool
+    elapsedSeconds: float
 
 
 @dataclass
@@ -170,8 +229,12 @@ class WorkerTask:
 
     ``poll()`` never blocks: ``None`` while the worker runs it, then its outcome (once), or the
     error it ended with (a :class:`VoilaError`, e.g. :class:`Cancelled`). ``progress(fraction,
-    stage)`` is called from ``poll()``, so always on the caller's thread.
+    stage)`` is called from ``poll()``, so always on the caller's thread. A cancelled request's
+    result is discarded, unless ``stopKeepsResult`` (training: ``cancel()`` stops it early and what
+    it learned is still a model).
     """
+
+    stopKeepsResult = False
 
     def __init__(self, logic: VOILASegmenterLogic, progress: Optional[ProgressCallback] = None) -> None:
         self._logic = logic
@@ -244,7 +307,7 @@ class WorkerTask:
         if reply is None:
             self._reportStage(self.fraction, self.stage)
             return None
-        if self._cancelled:
+        if self._cancelled and not self.stopKeepsResult:
             return self._end(self._describe(Cancelled("cancelled")))
         try:
             self._outcome = self._complete(reply)
@@ -294,7 +357,7 @@ class SegmentationJob(WorkerTask):
                 "model": str(request["modelPath"]) if request["modelPath"] else None,
                 "device": request["device"],
                 "overlap": request["overlap"],
-                "heatmap": request["computeHeatmap"],
+                "heatmap": request["heatmapKind"],
                 "points": request["points"],
                 "boxes": request["boxes"],
             },
@@ -320,23 +383,110 @@ class SegmentationJob(WorkerTask):
         return self._logic._apply(self._request, result, self.elapsedSeconds)
 
 
+class TeachJob(WorkerTask):
+    """One teaching run (the worker's ``finetune``). ``poll()`` returns ``None`` while it runs and
+    the :class:`TeachOutcome` once the model is in the user model folder. ``cancel()`` stops the
+    training early; the model learned so far is saved (``outcome.stopped``)."""
+
+    stopKeepsResult = True
+
+    def __init__(self, logic: VOILASegmenterLogic, request: dict, progress: Optional[ProgressCallback]):
+        super().__init__(logic, progress)
+        self._request = request
+        self._runFolder = None
+
+    def start(self) -> None:
+        request = self._request
+        self._runFolder = Path(tempfile.mkdtemp(prefix="voila-teach-"))
+        config = dict(request["settings"], out=str(self._runFolder / "run"))
+        try:
+            self.submit(
+                "finetune",
+                {
+                    "base": str(request["basePath"]),
+                    "config": config,
+                    "cases": request["cases"],
+                    "dataset": "Slicer scene",
+                },
+                request["arrays"],
+            )
+        except BaseException:
+            self._removeRunFolder()
+            raise
+        request["arrays"] = None  # the worker has its copies
+
+    def _describe(self, error: BaseException) -> BaseException:
+        if isinstance(error, Cancelled):
+            return Cancelled("teaching stopped before it began; no model was saved")
+        return error
+
+    def _complete(self, reply: dict) -> TeachOutcome:
+        from voila.model.model_file import read_model_card
+
+        from VOILASegmenterLib import models
+
+        result = reply["result"]
+        self._reportStage(0.97, "Saving the model")
+        request = self._request
+        path = models.store_model(
+            result["model"],
+            self._logic.userModelDir,
+            models.taught_model_name(request["basePath"], request["taught"]),
+        )
+        training = read_model_card(path).get("training") or {}
+        return TeachOutcome(
+            modelPath=path,
+            basePath=request["basePath"],
+            taught=list(request["taught"]),
+            addedClasses=list(training.get("added_classes", [])),
+            minutes=float(training.get("minutes", 0.0)),
+            stopped=bool(result.get("stopped")),
+            elapsedSeconds=self.elapsedSeconds,
+        )
+
+    def _end(self, error: Optional[BaseException]):
+        self._removeRunFolder()
+        return super()._end(error)
+
+    def _removeRunFolder(self) -> None:
+        if self._runFolder is not None:
+            shutil.rmtree(self._runFolder, ignore_errors=True)
+            self._runFolder = None
+
+
 class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
     """GUI-free logic. Owns the module's parameter node (in Slicer) and one worker process, in
     which the models stay loaded between runs.
 
     ``defaultModelPath`` / ``defaultDevice``: used when a run names none (``None``: the shipped
     demo model). ``python``: the interpreter of the worker (default: ``PythonSlicer`` in Slicer).
+    ``userModelDir``: where taught models are saved (default:
+    :func:`VOILASegmenterLib.models.user_model_dir`).
     """
 
-    def __init__(self, python: Optional[str] = None, defaultModelPath=None, defaultDevice: str = "auto"):
+    def __init__(
+        self,
+        python: Optional[str] = None,
+        defaultModelPath=None,
+        defaultDevice: str = "auto",
+        userModelDir=None,
+    ):
         if ScriptedLoadableModuleLogic is not object:
             ScriptedLoadableModuleLogic.__init__(self)
         self._python = python
         self._worker = None
-        self._job: Optional[SegmentationJob] = None
+        self._job: Optional[WorkerTask] = None
         self._encodingMemory: Optional[EncodingMemory] = None
         self.defaultModelPath = defaultModelPath
         self.defaultDevice = defaultDevice
+        self._userModelDir = userModelDir
+
+    @property
+    def userModelDir(self):
+        """The folder of the user's taught models (a ``Path``; created when the first is saved)."""
+        from VOILASegmenterLib import models
+
+        return Path(self._userModelDir) if self._userModelDir else models.user_model_dir()
 
     @property
     def worker(self):
@@ -348,7 +498,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         return self._worker
 
     @property
-    def job(self) -> Optional[SegmentationJob]:
+    def job(self) -> Optional[WorkerTask]:
         """The running job, if any."""
         return self._job
 
@@ -382,7 +532,9 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         """Train (``voila.train`` settings) in the worker: Slicer stays responsive and the model
         runs outside its GUI thread; ``cancel()`` stops cleanly (checkpoint and export);
         ``poll()`` gives ``{"model": path, "stopped": bool}``."""
-        return self._startTask(WorkerTask(self, progress), "train", {"config": dict(config)})
+        task = WorkerTask(self, progress)
+        task.stopKeepsResult = True
+        return self._startTask(task, "train", {"config": dict(config)})
 
     def _startTask(self, task: WorkerTask, op: str, request: dict) -> WorkerTask:
         if self._job is not None and not self._job.done:
@@ -408,7 +560,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         progress: Optional[ProgressCallback] = None,
         waitForCompletion: bool = True,
         overlap: float = 0.5,
-        computeHeatmap: bool = True,
+        heatmapKind: Union[str, bool, None] = "review",
         showHeatmap: bool = True,
         heatmapOpacity: float = 0.4,
         points: Optional[dict] = None,
@@ -419,9 +571,14 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         One segment per found prompt, named after the matched structure (or the prompt for free
         text), with its colour and DICOM terminology; running again with the same prompts replaces
         those segments in place (unless the user edited them since: then the new result goes next
-        to the edited segment) and leaves other segments alone. The complexity heatmap goes into
-        ``heatmapVolume`` (created when ``None``; only a volume VOILA created is accepted) on the
-        input grid. ``progress(fraction, stage)`` is always called on the caller's thread.
+        to the edited segment) and leaves other segments alone. Each found structure's record and
+        segment tags carry its predicted Dice and the "check this structure" flag.
+
+        ``heatmapKind``: ``"review"`` (default; ``True`` too) for the review map, ``"complexity"``
+        for the raw CAS complexity map (the first run of a volume with it encodes again), ``None``
+        (or ``False``) for none. The heatmap goes into ``heatmapVolume`` (created when ``None``;
+        only a volume VOILA created is accepted) on the input grid, tagged with its kind.
+        ``progress(fraction, stage)`` is always called on the caller's thread.
 
         ``points`` ``{prompt: [((R, A, S), positive), ...]}`` and ``boxes`` ``{prompt: ((R1, A1, S1),
         (R2, A2, S2))}`` (world RAS mm; see :meth:`spatialPrompts`) refine their prompts: a
@@ -439,6 +596,12 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
             )
         if inputVolume is None or inputVolume.GetScene() is None:
             raise InputImageError("select an input CT volume that is loaded in the scene")
+        from voila.infer.results import heatmap_kind
+
+        try:
+            kind = heatmap_kind(heatmapKind)
+        except ValueError as error:
+            raise OutputError(f"{error} (or None for no heatmap)") from None
         if heatmapVolume is not None:
             checkHeatmapTarget(heatmapVolume, inputVolume)
         image, affine = mrml_io.volume_to_numpy(inputVolume)
@@ -455,7 +618,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
             "modelPath": modelPath or self.defaultModelPath,
             "device": device or self.defaultDevice or "auto",
             "overlap": float(overlap),
-            "computeHeatmap": bool(computeHeatmap),
+            "heatmapKind": kind,
             "showHeatmap": bool(showHeatmap),
             "heatmapOpacity": float(heatmapOpacity),
         }
@@ -469,6 +632,87 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         if waitForCompletion:
             return job.finish()
         return job
+
+    # -- teaching --------------------------------------------------------------------------------
+
+    def teach(
+        self,
+        pairs,
+        baseModelPath=None,
+        minutes: float = 10.0,
+        device: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+        waitForCompletion: bool = True,
+        settings: Optional[dict] = None,
+    ):
+        """Teach a model what the chosen segments show, and save it as a new model file.
+
+        ``pairs``: ``[(ctVolumeNode, segmentationNode, [segmentId, ...]), ...]``, e.g. a CT and its
+        segmentation corrected in Segment Editor, plus more CTs if there are. Each chosen segment
+        teaches the structure its name says: a vocabulary name ("liver", "left kidney") the
+        vocabulary's structure, any other name ("Tumor core") a new free-text class. Segments not
+        chosen and structures a CT's segments do not show are unknown on that CT, not background;
+        the base model's confident predictions keep its own structures (:mod:`voila.training.finetune`).
+
+        ``baseModelPath`` (default: the logic's default model, else the shipped demo model) is only
+        read. The training runs in the worker for at most ``minutes`` on ``device``; ``settings``:
+        further training settings (:data:`voila.training.config.SETTINGS`; those the base fixes are
+        refused). The new model goes into :attr:`userModelDir` under a name that says what it was
+        taught (:func:`VOILASegmenterLib.models.taught_model_name`) and never replaces a file.
+        The scene is not changed. Problems with the input raise :class:`TeachingInputError` before
+        anything is written.
+
+        Returns a :class:`TeachOutcome`, or with ``waitForCompletion=False`` a started
+        :class:`TeachJob` (``cancel()`` stops the training early and saves what it learned).
+        """
+        if self._job is not None and not self._job.done:
+            raise JobAlreadyRunningError(
+                "VOILA is busy with another run; wait for it to finish or press Cancel first"
+            )
+        basePath = self._modelToTeach(baseModelPath)
+        try:
+            minutes = float(minutes)
+        except (TypeError, ValueError):
+            minutes = 0.0
+        if not minutes > 0:
+            raise TeachingInputError("give the training time in minutes (for example 10)")
+        cases, arrays, taught = _teaching_cases(pairs)
+        defaults = {
+            "max_minutes": minutes,
+            "device": device or self.defaultDevice or "auto",
+            "description": f"{basePath.name} taught in 3D Slicer: {', '.join(taught)} "
+            f"({len(cases)} CT{'s' if len(cases) > 1 else ''})",
+        }
+        request = {
+            "basePath": basePath,
+            "cases": cases,
+            "arrays": arrays,
+            "taught": taught,
+            "settings": dict(defaults, **(settings or {})),
+        }
+        job = TeachJob(self, request, progress)
+        self._job = job
+        try:
+            job.start()
+        except BaseException:
+            self._job = None
+            raise
+        if waitForCompletion:
+            return job.finish()
+        return job
+
+    def _modelToTeach(self, baseModelPath):
+        """The base model file of a teaching run, checked to be a VOILA model."""
+        from voila.model.model_file import read_model_card
+        from voila.resources import DEMO_MODEL, resource_path
+
+        path = Path(baseModelPath or self.defaultModelPath or resource_path(DEMO_MODEL))
+        if not path.is_file():
+            raise ModelFileError(
+                f"the model to teach, {path}, does not exist; choose a model under Model and device"
+            )
+        read_model_card(path)  # a file that is no VOILA model fails here, in a line
+        return path
 
     # -- clicks and boxes ------------------------------------------------------------------------
 
@@ -619,18 +863,24 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
                 heatmapNode = None
             if heatmapNode is not None:
                 checkHeatmapTarget(heatmapNode, inputVolume)
+            kind = result.heatmap_kind or request["heatmapKind"]
             if heatmapNode is None:
                 heatmapNode = scene.AddNewNodeByClass(
-                    "vtkMRMLScalarVolumeNode",
-                    scene.GenerateUniqueName(f"{inputVolume.GetName()} VOILA complexity"),
+                    "vtkMRMLScalarVolumeNode", mrml_io.heatmap_name(inputVolume, kind)
                 )
-            mrml_io.write_heatmap(heatmapNode, np.asarray(result.heatmap, dtype=np.float32), inputVolume)
+            mrml_io.write_heatmap(
+                heatmapNode, np.asarray(result.heatmap, dtype=np.float32), inputVolume, kind
+            )
             if request["showHeatmap"]:
                 mrml_io.show_heatmap(scene, inputVolume, heatmapNode, request["heatmapOpacity"])
-        notFound = [record.prompt for record in records if not record.found]
-        if notFound:
-            messages.append("not found: " + ", ".join(notFound))
-        return SegmentationOutcome(segmentationNode, heatmapNode, records, elapsedSeconds, messages, result)
+        outcome = SegmentationOutcome(
+            segmentationNode, heatmapNode, records, elapsedSeconds, messages, result
+        )
+        if outcome.notFound:
+            messages.append("not found: " + ", ".join(outcome.notFound))
+        if outcome.toCheck:
+            messages.append("check: " + ", ".join(outcome.toCheck))
+        return outcome
 
     def _writeSegments(
         self, segmentationNode, inputVolume, result, messages: list[str]
@@ -653,6 +903,9 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
                     confidence=float(prompt.confidence),
                     openVocabulary=bool(prompt.open_vocabulary),
                     note=prompt.note or "",
+                    predictedDice=None if prompt.predicted_dice is None else float(prompt.predicted_dice),
+                    check=bool(prompt.check),
+                    checkReason=prompt.check_reason or "",
                 )
                 # replace only what VOILA wrote and the user has not edited since
                 replaceable = next((s.segment_id for s in earlier.get(key, []) if not s.edited), None)
@@ -672,6 +925,9 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
                         prompt_key=key,
                         terminology_entry=mrml_io.terminology_string(prompt.snomed),
                         confidence=record.confidence,
+                        predicted_dice=record.predictedDice,
+                        check=record.check,
+                        check_reason=record.checkReason,
                     )
                 elif replaceable is not None:
                     # A stale segment would read as this run's answer; the table reports the miss.
@@ -681,6 +937,72 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         finally:
             segmentationNode.EndModify(wasModifying)
         return records
+
+
+def _teaching_cases(pairs) -> tuple[list[dict], dict, list[str]]:
+    """The worker's ``cases`` (:meth:`voila.worker.Handlers.finetune`) and their arrays from
+    ``[(ctVolumeNode, segmentationNode, [segmentId, ...]), ...]``, and the names of the structures
+    taught: each CT as ``(array [k, j, i], affine)``, each chosen segment as a ``uint8`` mask on
+    that CT's grid. Every problem is found here, before anything is written; segments with the
+    same name in one pair are one structure."""
+    pairs = list(pairs or [])
+    if not pairs:
+        raise TeachingInputError("choose a CT, its segmentation and the segments to learn")
+    cases: list[dict] = []
+    arrays: dict = {}
+    taught: list[str] = []
+    for number, pair in enumerate(pairs):
+        try:
+            volume, segmentation, segmentIds = pair
+        except (TypeError, ValueError):
+            raise TeachingInputError(
+                "give each CT as (CT volume, segmentation, [segment IDs]) to teach from"
+            ) from None
+        which = f" of pair {number + 1}" if len(pairs) > 1 else ""
+        if not mrml_io.node_in_scene(volume):
+            raise TeachingInputError(f"choose the CT volume{which}: it must be loaded in the scene")
+        if not mrml_io.node_in_scene(segmentation) or not segmentation.IsA("vtkMRMLSegmentationNode"):
+            raise TeachingInputError(
+                f"choose the segmentation{which} whose segments show what to learn on '{volume.GetName()}'"
+            )
+        segmentIds = [str(segmentId) for segmentId in (segmentIds or [])]
+        if not segmentIds:
+            raise TeachingInputError(f"choose at least one segment of '{segmentation.GetName()}' to learn")
+        image, affine = mrml_io.volume_to_numpy(volume)
+        masks: dict[str, str] = {}
+        for index, segmentId in enumerate(segmentIds):
+            segment = segmentation.GetSegmentation().GetSegment(segmentId)
+            if segment is None:
+                raise TeachingInputError(
+                    f"'{segmentation.GetName()}' has no segment {segmentId!r} any more; choose the segments again"
+                )
+            name = " ".join((segment.GetName() or "").split())
+            if not name:
+                raise TeachingInputError(
+                    f"a segment of '{segmentation.GetName()}' has no name; name it after the structure it shows"
+                )
+            mask = mrml_io.segment_mask_on_volume(segmentation, segmentId, volume)
+            if not mask.any():
+                raise TeachingInputError(
+                    f"segment '{name}' of '{segmentation.GetName()}' has no voxel inside CT "
+                    f"'{volume.GetName()}'; draw it on that CT or leave it out"
+                )
+            if name in masks:  # two segments of one structure: one mask
+                arrays[masks[name]] |= mask.astype(np.uint8)
+                continue
+            masks[name] = f"mask_{number}_{index}"
+            arrays[masks[name]] = mask.astype(np.uint8)
+            taught.append(name)
+        arrays[f"image_{number}"] = image
+        cases.append(
+            {
+                "id": f"{number + 1:02d} {volume.GetName()}",
+                "image": f"image_{number}",
+                "affine": np.asarray(affine).tolist(),
+                "masks": masks,
+            }
+        )
+    return cases, arrays, list(dict.fromkeys(taught))
 
 
 def _startPlaceMode(markupsNode, persistent: bool, labelFormat: Optional[str] = None) -> None:
@@ -732,6 +1054,6 @@ def checkHeatmapTarget(heatmapVolume, inputVolume) -> None:
         )
     if heatmapVolume.GetAttribute(mrml_io.HEATMAP_ATTRIBUTE) != "1":
         raise HeatmapOverwriteError(
-            f"'{heatmapVolume.GetName()}' is not a VOILA complexity heatmap; VOILA writes only into heatmaps "
+            f"'{heatmapVolume.GetName()}' is not a VOILA heatmap; VOILA writes only into heatmaps "
             "it created: choose one of those or 'Create new'"
         )

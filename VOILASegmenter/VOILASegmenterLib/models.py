@@ -9,19 +9,33 @@ are checked against the SHA-256 in the registry and appear in the cache folder o
     entries = load_registry()
     path, download_request = prepare_download(entries[0], cache_dir)   # request: for the worker
     model_card(path)["description"]
+
+The models a user teaches in the module are theirs, not a cache's: they are kept in
+:func:`user_model_dir` (listed by :func:`user_models`), each under a name of its own that never
+replaces another file (:func:`store_model`).
+
+    path = store_model(run_folder / "model.safetensors", user_model_dir(), "voila_demo + Tumor core")
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import itertools
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from voila.errors import ModelFileError, VoilaError
+from voila.errors import ModelFileError, OutputError, VoilaError
 
 MODULE_RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 REGISTRY_FILE = MODULE_RESOURCES / "model_registry.json"
+MODEL_SUFFIX = ".safetensors"
+# A taught model's name lists the structures it was taught, up to about this many characters.
+NAME_LENGTH = 80
 
 
 @dataclass(frozen=True)
@@ -124,3 +138,72 @@ def describe_card(card: dict) -> str:
     if training.get("datasets") or training.get("dataset"):
         lines.append(f"Trained on: {training.get('datasets') or training.get('dataset')}")
     return "\n".join(lines)
+
+
+def user_model_dir() -> Path:
+    """Where the models a user teaches are kept: ``VOILA/models`` beside Slicer's user settings
+    (it outlives the extension, its updates and the cache), or ``~/.voila/models`` outside Slicer."""
+    try:
+        import slicer
+
+        settings = slicer.app.slicerUserSettingsFilePath
+    except (ImportError, AttributeError):  # no application: a script or slicer-core
+        return Path.home() / ".voila" / "models"
+    return Path(settings).parent / "VOILA" / "models"
+
+
+def user_models(folder) -> list[Path]:
+    """The model files in ``folder``, newest first (none when it does not exist yet)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [
+        path
+        for path in folder.iterdir()
+        if path.suffix == MODEL_SUFFIX and not path.name.startswith(".") and path.is_file()
+    ]
+    return sorted(found, key=lambda path: (-path.stat().st_mtime, path.name))
+
+
+def taught_model_name(base, structures, when: Optional[datetime.datetime] = None) -> str:
+    """The file name stem of a model taught from ``base`` (a path) to know ``structures``, e.g.
+    ``voila_demo + Tumor core, liver 2025-06-01 1432``."""
+    from voila.data.layouts import file_stem
+
+    taught = ", ".join(dict.fromkeys(str(name) for name in structures)) or "more cases"
+    if len(taught) > NAME_LENGTH:
+        taught = taught[: NAME_LENGTH - 4].rstrip(", ") + " etc"
+    when = when or datetime.datetime.now()
+    return file_stem(f"{Path(base).stem} + {taught} {when:%Y-%m-%d %H%M}")
+
+
+def store_model(source, folder, name: str) -> Path:
+    """Copy the model file ``source`` into ``folder`` (created if needed) as ``<name>.safetensors``,
+    or ``<name> (2).safetensors`` and so on: an existing file is never replaced. The name is
+    claimed before the copy and the copy appears complete or not at all."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(1):
+            target = folder / (f"{name}{MODEL_SUFFIX}" if number == 1 else f"{name} ({number}){MODEL_SUFFIX}")
+            try:
+                open(target, "xb").close()  # exclusive creation: the name is ours
+                break
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise OutputError(
+            f"cannot save the model in {folder}: {error.strerror or error}; check that the folder is writable"
+        ) from None
+    partial = folder / f".{target.name}.partial"
+    try:
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    except OSError as error:
+        for leftover in (partial, target):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        raise OutputError(
+            f"cannot save the model as {target}: {error.strerror or error}; free some disk space and teach again"
+        ) from None
+    return target

@@ -37,14 +37,25 @@ KJI_TO_IJK = np.array(
 PROMPT_TAG = "VOILA.Prompt"
 CONFIDENCE_TAG = "VOILA.Confidence"
 CHECKSUM_TAG = "VOILA.Checksum"  # of the voxels VOILA wrote: a different one means the user edited it
+# Expected quality from the review map's calibration (voila.infer.review): the predicted Dice, and
+# "1" with a reason (CHECK_REASON_TAG) where the structure deserves a second look, else "0".
+PREDICTED_DICE_TAG = "VOILA.PredictedDice"
+CHECK_TAG = "VOILA.Check"
+CHECK_REASON_TAG = "VOILA.CheckReason"
+# Marks every heatmap VOILA created, whatever its kind (the name predates the review map; scenes
+# saved since carry it): VOILA writes heatmaps only into such volumes.
 HEATMAP_ATTRIBUTE = "VOILA.ComplexityHeatmap"
+# What the heatmap holds: a key of voila.infer.results.HEATMAP_KINDS ("review" or "complexity").
+HEATMAP_KIND_ATTRIBUTE = "VOILA.HeatmapKind"
+# A new heatmap volume is called "<input volume> <this>".
+HEATMAP_NAMES = {"review": "VOILA review map", "complexity": "VOILA CAS complexity"}
 # A control point whose label starts with this is an excluding ("outside") click; any other label
 # includes. Labels show next to the points in every view and can be edited in the Markups module,
 # so the user sees, and can change, what each click means; they are saved with the scene.
 EXCLUDING_LABEL_PREFIX = "-"
 INCLUDING_LABEL_FORMAT = "+%d"  # Slicer's control point label format (%d: the point's number)
 EXCLUDING_LABEL_FORMAT = EXCLUDING_LABEL_PREFIX + "%d"
-HEATMAP_COLOR_NAME = "VOILA Complexity"
+HEATMAP_COLOR_NAME = "VOILA Heatmap"
 # The heatmap's colour table is fully transparent up to this value and fully opaque from the next.
 HEATMAP_TRANSPARENT_BELOW = 0.1
 HEATMAP_OPAQUE_FROM = 0.5
@@ -83,20 +94,25 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return vtk_matrix_to_array(matrix)
 
 
-def ijk_to_world(volume_node) -> np.ndarray:
-    """IJK->world RAS with the parent transform hardened into it; non-linear transforms are refused."""
-    matrix = ijk_to_ras(volume_node)
-    transform_node = volume_node.GetParentTransformNode()
+def node_to_world(node) -> np.ndarray:
+    """The node's parent transforms as one ``(4, 4)`` matrix (identity without any); non-linear
+    transforms are refused."""
+    transform_node = node.GetParentTransformNode()
     if transform_node is None:
-        return matrix
+        return np.eye(4)
     if not transform_node.IsTransformToWorldLinear():
         raise InputImageError(
-            f"volume '{volume_node.GetName()}' is under a non-linear transform "
-            f"('{transform_node.GetName()}'); harden the transform (Data module, right-click) and run again"
+            f"'{node.GetName()}' is under a non-linear transform ('{transform_node.GetName()}'); "
+            "harden the transform (Data module, right-click) and run again"
         )
     to_world = vtk.vtkMatrix4x4()
     transform_node.GetMatrixTransformToWorld(to_world)
-    return vtk_matrix_to_array(to_world) @ matrix
+    return vtk_matrix_to_array(to_world)
+
+
+def ijk_to_world(volume_node) -> np.ndarray:
+    """IJK->world RAS with the parent transform hardened into it; non-linear transforms are refused."""
+    return node_to_world(volume_node) @ ijk_to_ras(volume_node)
 
 
 def volume_to_numpy(volume_node) -> tuple[np.ndarray, np.ndarray]:
@@ -191,8 +207,13 @@ def write_segment(
     prompt_key,
     terminology_entry,
     confidence,
+    predicted_dice: float | None = None,
+    check: bool = False,
+    check_reason: str = "",
 ) -> str:
-    """Create or replace (same ID, same place in the list) one segment from a ``[k, j, i]`` mask."""
+    """Create or replace (same ID, same place in the list) one segment from a ``[k, j, i]`` mask,
+    tagged with what VOILA knows of it (tags are saved with the scene). ``predicted_dice`` None
+    (not assessed) leaves no predicted-Dice tag."""
     segmentation = segmentation_node.GetSegmentation()
     if segment_id is None or segmentation.GetSegment(segment_id) is None:
         segment_id = segmentation.AddEmptySegment("", name, [c / 255.0 for c in color])
@@ -201,6 +222,16 @@ def write_segment(
     segment.SetColor(*[c / 255.0 for c in color])
     segment.SetTag(PROMPT_TAG, prompt_key)
     segment.SetTag(CONFIDENCE_TAG, f"{confidence:.4f}")
+    # a replaced segment must not keep the quality of the result it replaces
+    if predicted_dice is None:
+        segment.RemoveTag(PREDICTED_DICE_TAG)
+    else:
+        segment.SetTag(PREDICTED_DICE_TAG, f"{predicted_dice:.4f}")
+    segment.SetTag(CHECK_TAG, "1" if check else "0")
+    if check and check_reason:
+        segment.SetTag(CHECK_REASON_TAG, check_reason)
+    else:
+        segment.RemoveTag(CHECK_REASON_TAG)
     if terminology_entry:
         set_segment_terminology(segment, terminology_entry)
     image = _oriented_image(mask_kji.astype(np.uint8, copy=False), ijk_to_ras_matrix)
@@ -210,6 +241,58 @@ def write_segment(
     # read back, as an edit check later reads it: what Slicer holds, not what was handed over
     segment.SetTag(CHECKSUM_TAG, segment_checksum(segmentation_node, segment_id))
     return segment_id
+
+
+def segment_mask_on_volume(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment as a boolean ``[k, j, i]`` mask on ``volume_node``'s voxel grid (the grid of
+    :func:`volume_to_numpy`), whatever geometry its labelmap has: nearest-neighbour resampled,
+    the parent transforms of both nodes applied (linear ones only). Neither node is changed."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise VoilaError(f"'{segmentation_node.GetName()}' has no segment {segment_id!r}")
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if not segmentation.ContainsRepresentation(labelmap):
+        raise InputImageError(
+            f"'{segmentation_node.GetName()}' holds no binary labelmap; create it in the Segmentations "
+            "module (Representations: Binary labelmap, Create) and try again"
+        )
+    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    mask = np.zeros(shape, dtype=bool)
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if image.GetPointData().GetScalars() is None or i1 < i0 or j1 < j0 or k1 < k0:
+        return mask
+    # both grids in world RAS: the segment's image->world through its node's transforms
+    image_to_world = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(image_to_world)
+    image.SetImageToWorldMatrix(
+        array_to_vtk_matrix(node_to_world(segmentation_node) @ vtk_matrix_to_array(image_to_world))
+    )
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    reference.SetImageToWorldMatrix(array_to_vtk_matrix(ijk_to_world(volume_node)))
+    resampled = slicer.vtkOrientedImageData()
+    resample = slicer.vtkOrientedImageDataResample
+    if not resample.ResampleOrientedImageToReferenceOrientedImage(image, reference, resampled, False):
+        raise VoilaError(
+            f"could not resample segment '{segment.GetName()}' onto volume '{volume_node.GetName()}'"
+        )
+    i0, i1, j0, j1, k0, k1 = resampled.GetExtent()
+    scalars = resampled.GetPointData().GetScalars()
+    if scalars is None or i1 < i0 or j1 < j0 or k1 < k0:
+        return mask
+    values = numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) > 0
+    # the resampled extent may reach past the volume's: keep the overlap
+    low = [max(0, k0), max(0, j0), max(0, i0)]
+    high = [min(shape[0], k1 + 1), min(shape[1], j1 + 1), min(shape[2], i1 + 1)]
+    if any(h <= lo for lo, h in zip(low, high)):
+        return mask
+    mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = values[
+        low[0] - k0 : high[0] - k0, low[1] - j0 : high[1] - j0, low[2] - i0 : high[2] - i0
+    ]
+    return mask
 
 
 def place_next_to(node, reference_node) -> None:
@@ -230,7 +313,7 @@ def place_next_to(node, reference_node) -> None:
 
 
 def heatmap_color_node(scene):
-    """The module's complexity colour table (one per scene, created on first use)."""
+    """The module's heatmap colour table, for either kind (one per scene, created on first use)."""
     existing = scene.GetFirstNodeByName(HEATMAP_COLOR_NAME)
     if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
         return existing
@@ -250,8 +333,19 @@ def heatmap_color_node(scene):
     return color_node
 
 
-def write_heatmap(heatmap_node, heatmap_kji: np.ndarray, input_volume) -> None:
-    """Fill a scalar volume node with the complexity heatmap on the input volume's grid."""
+def heatmap_name(input_volume, kind: str) -> str:
+    """The name of a new heatmap volume of ``kind`` for ``input_volume`` (unique in its scene)."""
+    return input_volume.GetScene().GenerateUniqueName(f"{input_volume.GetName()} {HEATMAP_NAMES[kind]}")
+
+
+def write_heatmap(heatmap_node, heatmap_kji: np.ndarray, input_volume, kind: str) -> None:
+    """Fill a scalar volume node with a heatmap of ``kind`` (:data:`HEATMAP_NAMES`) on the input
+    volume's grid; both kinds lie in [0, 1] and share the display (colour table, window 0..1).
+    A heatmap of the other kind that still has the name VOILA gave it is renamed after ``kind``."""
+    earlier = heatmap_node.GetAttribute(HEATMAP_KIND_ATTRIBUTE)
+    if earlier in HEATMAP_NAMES and earlier != kind and heatmap_node.GetScene() is not None:
+        if (heatmap_node.GetName() or "").startswith(f"{input_volume.GetName()} {HEATMAP_NAMES[earlier]}"):
+            heatmap_node.SetName(heatmap_name(input_volume, kind))
     image = vtk.vtkImageData()
     image.SetDimensions(*reversed(heatmap_kji.shape))
     image.AllocateScalars(vtk.VTK_FLOAT, 1)
@@ -261,6 +355,7 @@ def write_heatmap(heatmap_node, heatmap_kji: np.ndarray, input_volume) -> None:
     heatmap_node.SetAndObserveImageData(image)
     heatmap_node.SetAndObserveTransformNodeID(input_volume.GetTransformNodeID())
     heatmap_node.SetAttribute(HEATMAP_ATTRIBUTE, "1")
+    heatmap_node.SetAttribute(HEATMAP_KIND_ATTRIBUTE, kind)
     display = heatmap_node.GetDisplayNode()
     if display is None:
         heatmap_node.CreateDefaultDisplayNodes()

@@ -8,9 +8,9 @@ elsewhere), started on first use and kept alive, so the loaded model stays warm 
 Protocol, in one session folder the client owns:
 
 - requests: one JSON line per request on the worker's stdin, ``{"op": ..., "job": id, ...}``;
-  ``op`` is ``segment``, ``train``, ``download``, ``cancel`` (stops one job) or ``quit``. Arrays
-  travel as ``.npy`` files in the job's folder, read with ``allow_pickle=False``: nothing from the
-  peer is ever unpickled.
+  ``op`` is ``segment``, ``train``, ``finetune``, ``download``, ``cancel`` (stops one job) or
+  ``quit``. Arrays travel as ``.npy`` files in the job's folder, read with ``allow_pickle=False``:
+  nothing from the peer is ever unpickled.
 - events: the worker appends JSON lines to ``<job>/events.jsonl``: ``progress`` (fraction,
   stage), then exactly one of ``done`` (with the result; result files are in place before),
   ``error`` (the :class:`~voila.errors.VoilaError` class name and its one-line message) or
@@ -49,6 +49,7 @@ import numpy as np
 
 import voila.errors as errors_module
 from voila.errors import Cancelled, VoilaError
+from voila.infer.results import heatmap_kind
 
 EVENTS = "events.jsonl"
 REQUEST = "request.json"
@@ -348,7 +349,8 @@ class Handlers:
             raise Cancelled("segmentation cancelled")
         image = job.load_array("image")
         affine = np.asarray(request["affine"], dtype=np.float64)
-        heatmap = bool(request.get("heatmap", True))
+        kind = heatmap_kind(request.get("heatmap", "review"))  # True / "review" / "complexity" / None
+        complexity = kind == "complexity"
         overlap = float(request.get("overlap", 0.5))
         points = {
             p: [(tuple(xyz), bool(positive)) for xyz, positive in clicks]
@@ -357,12 +359,12 @@ class Handlers:
         boxes = {p: (tuple(a), tuple(b)) for p, (a, b) in (request.get("boxes") or {}).items()}
         key = (request.get("model"), request.get("device"), overlap, _fingerprint(image, affine))
         encoding = self.encodings.get(key)
-        if encoding is None or (heatmap and encoding.encoded.heatmap is None):
+        if encoding is None or (complexity and encoding.encoded.heatmap is None):
             job.progress(0.02, "Segmenting")
             encoding = segmenter.encode(
                 image,
                 affine,
-                heatmap=heatmap,
+                heatmap=complexity,
                 progress=lambda fraction: job.progress(0.02 + 0.93 * fraction, "Segmenting"),
                 cancel=job.cancel,
                 overlap=overlap,
@@ -372,7 +374,7 @@ class Handlers:
                 self.encodings.popitem(last=False)  # the least recently used volume goes
         self.encodings.move_to_end(key)
         job.progress(0.95, "Answering the prompts")
-        result = encoding.segment(request["prompts"], points=points, boxes=boxes, heatmap=heatmap)
+        result = encoding.segment(request["prompts"], points=points, boxes=boxes, heatmap=kind)
         job.progress(0.97, "Sending the result")
         job.save_array("labelmap", result.labelmap)
         if result.heatmap is not None:
@@ -386,13 +388,38 @@ class Handlers:
     def train(self, job: JobContext) -> dict[str, Any]:
         import voila
 
-        def report(progress) -> None:
-            fraction = progress.step / max(progress.total, 1)
-            job.progress(
-                fraction, f"{progress.phase}: epoch {progress.epoch}/{progress.epochs}, step {progress.step}"
-            )
+        config = job.request["config"]  # settings, or the path of a YAML file
+        report = _training_progress(job, config.get("max_minutes") if isinstance(config, dict) else None)
+        path = voila.train(config, progress=report, stop=job.cancel)
+        return {"model": str(path), "stopped": job.cancel.is_set()}
 
-        path = voila.train(job.request["config"], progress=report, stop=job.cancel)
+    def finetune(self, job: JobContext) -> dict[str, Any]:
+        """Fine-tune the model file ``base`` (:func:`voila.finetune`) with the training settings
+        ``config``. ``cases`` ``[{"id", "image", "affine", "masks": {label: array name}}]`` (arrays
+        with the job; ``affine`` maps the image's voxel indices to RAS) are written as one dataset
+        named ``dataset`` and learned besides ``config["data"]``. Cancel stops the training early:
+        the model learned so far is still exported (``stopped``)."""
+        import voila
+        from voila.data.layouts import file_stem, write_totalsegmentator_case
+
+        request = job.request
+        config = dict(request.get("config") or {})
+        if request.get("cases"):
+            job.progress(0.0, "Preparing the cases")
+            root = job.folder / "data" / file_stem(request.get("dataset") or "cases")
+            for case in request["cases"]:
+                write_totalsegmentator_case(
+                    root,
+                    case["id"],
+                    job.load_array(case["image"]),
+                    np.asarray(case["affine"], dtype=np.float64),
+                    {label: job.load_array(name) for label, name in case["masks"].items()},
+                )
+            config["data"] = [str(root), *config.get("data", [])]
+        if job.cancel.is_set():
+            raise Cancelled("teaching cancelled before it began")
+        report = _training_progress(job, config.get("max_minutes"))
+        path = voila.finetune(request["base"], config, progress=report, stop=job.cancel)
         return {"model": str(path), "stopped": job.cancel.is_set()}
 
     def download(self, job: JobContext) -> dict[str, Any]:
@@ -407,6 +434,23 @@ class Handlers:
             cancel=job.cancel,
         )
         return {"path": str(path)}
+
+
+def _training_progress(job: JobContext, max_minutes: float | None) -> Callable[[Any], None]:
+    """A training run's :class:`~voila.training.loop.TrainingProgress` as job progress: the share
+    of its steps done or, when a time box ends it sooner, of the time box gone."""
+    started = time.monotonic()
+
+    def report(progress) -> None:
+        fraction = progress.step / max(progress.total, 1)
+        if max_minutes:
+            fraction = max(fraction, (time.monotonic() - started) / (60.0 * float(max_minutes)))
+        job.progress(
+            min(fraction, 1.0),
+            f"{progress.phase}: epoch {progress.epoch}/{progress.epochs}, step {progress.step}",
+        )
+
+    return report
 
 
 def _fingerprint(image: np.ndarray, affine: np.ndarray) -> str:

@@ -17,9 +17,12 @@ annotated region (``<case>/annotated.nii.gz`` in the TotalSegmentator layout, ``
 datalist entry); outside it nothing is known, not even background.
 
 Class names always start with ``"background"`` (index 0) so a label value indexes them directly.
+:func:`write_totalsegmentator_case` writes a case in the TotalSegmentator layout (phantoms, and the
+CTs and segments a user teaches from in 3D Slicer).
 
 >>> dataset = discover("/data/Totalsegmentator_dataset_v201")
 >>> labelmap, annotated = load_case_label(dataset.cases[0], dataset.class_names)
+>>> write_totalsegmentator_case(root, "case_01", ct, affine, {"liver": liver_mask, "Tumor core": tumour})
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -35,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from voila.data.geometry import same_grid
-from voila.data.io import NIFTI_SUFFIXES, file_suffix, read_image
+from voila.data.io import NIFTI_SUFFIXES, file_suffix, read_image, write_volume
 from voila.errors import DatasetError
 from voila.vocabulary import BACKGROUND
 
@@ -47,6 +51,8 @@ SPLITS = ("train", "val", "test")
 REGION_FILE = "annotated.nii.gz"
 IGNORE_LABEL = "ignore"
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
+# Characters that some file system refuses in a file name ("/" everywhere, the rest on Windows).
+_NOT_IN_FILE_NAMES = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
 @dataclass
@@ -146,6 +152,51 @@ def load_case_label(case: Case, class_names: list[str]) -> tuple[np.ndarray, lis
         labelmap[mask > 0] = index
         annotated.append(name)
     return labelmap, annotated
+
+
+def file_stem(name: str) -> str:
+    """A case or structure name as a file name stem: characters some file system refuses become
+    spaces; the spaces, underscores and case a name has are kept, since a mask's stem is its label
+    and decides its class (:func:`voila.vocabulary.class_name`).
+
+    >>> file_stem("Kidney/left"), file_stem("Tumor core")
+    ('Kidney left', 'Tumor core')
+    """
+    stem = " ".join(_NOT_IN_FILE_NAMES.sub(" ", str(name)).split()).rstrip(". ")
+    if not stem:
+        raise DatasetError(f"the name {name!r} has no character a file name can hold; rename it")
+    return stem
+
+
+def write_totalsegmentator_case(
+    root: PathLike,
+    case_id: str,
+    image: np.ndarray,
+    affine: np.ndarray,
+    masks: dict[str, np.ndarray],
+) -> Path:
+    """Write one case in the TotalSegmentator layout and return its folder.
+
+    ``<root>/<case_id>/ct.nii.gz`` holds ``image`` ``(X, Y, Z)`` with its voxel→RAS ``affine`` (any
+    axis order the affine maps); ``segmentations/<label>.nii.gz`` holds each mask (same shape and
+    grid, non-zero = inside). Labels are stored under :func:`file_stem`; labels whose files would
+    collide on a case-insensitive file system are merged into one mask.
+    """
+    image = np.asarray(image)
+    merged: dict[str, tuple[str, np.ndarray]] = {}
+    for label, mask in masks.items():
+        mask = np.asarray(mask) != 0
+        if mask.shape != image.shape:
+            raise DatasetError(f"the mask of {label!r} has shape {mask.shape}, the image {image.shape}")
+        stem = file_stem(label)
+        earlier = merged.get(stem.casefold())
+        merged[stem.casefold()] = (stem, mask if earlier is None else earlier[1] | mask)
+    folder = Path(root) / file_stem(case_id)
+    (folder / "segmentations").mkdir(parents=True, exist_ok=True)
+    write_volume(folder / "ct.nii.gz", image, affine)
+    for stem, mask in merged.values():
+        write_volume(folder / "segmentations" / f"{stem}.nii.gz", mask.astype(np.uint8), affine)
+    return folder
 
 
 def _totalsegmentator(root: Path) -> Dataset:

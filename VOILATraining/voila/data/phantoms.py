@@ -22,7 +22,8 @@ from typing import Union
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from voila.data.io import atomic_path, write_volume
+from voila.data.io import atomic_path
+from voila.data.layouts import write_totalsegmentator_case
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -143,11 +144,7 @@ def write_phantom_dataset(
     for number in range(n_cases):
         case_id = f"phantom_{number:03d}"
         ct, labels, affine = make_phantom(shape, spacing, seed=seed * 100_003 + number)
-        segmentations = root / case_id / "segmentations"
-        segmentations.mkdir(parents=True, exist_ok=True)
-        write_volume(root / case_id / "ct.nii.gz", ct, affine)
-        for name, mask in labels.items():
-            write_volume(segmentations / f"{name}.nii.gz", mask.astype(np.uint8), affine)
+        write_totalsegmentator_case(root, case_id, ct, affine, labels)
         rows.append((case_id, "val" if number >= n_cases - n_val else "train"))
     with atomic_path(root / "meta.csv") as partial, open(partial, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter=";")
