@@ -83,7 +83,8 @@ def test_a_new_prompt_on_an_encoded_volume_gives_exactly_the_labels_of_the_one_s
     ct, _, affine = volume
     prompts = ["liver", "spleen", "left kidney", "my organ"]
     encoding = segmenter.encode(ct, affine, heatmap=True, overlap=OVERLAP)
-    assert encoding.nbytes == encoding.encoded.tokens.numel() * 2 + encoding.encoded.heatmap.numel() * 4
+    tokens, heatmap = encoding.encoded.tokens, encoding.encoded.heatmap
+    assert encoding.nbytes == tokens.numel() * 2 + heatmap.numel() * 4 + encoding.body.size  # + body mask
     first = encoding.segment(prompts)
     again = encoding.segment(["aorta", "liver"])
     one_shot = segmenter.segment(ct, affine, prompts, heatmap=True, overlap=OVERLAP)
@@ -138,10 +139,30 @@ def test_an_excluding_click_carves_its_surroundings_out(segmenter, volume, liver
     carved = encoding.segment([], points={"my organ": [(liver_click, True), (excluded, False)]})
     assert inside.labelmap[tuple(far)] == organ.label and carved.labelmap[tuple(far)] == 0
     assert carved.prompts[0].voxels < organ.voxels
+    # an edit where the user clicked: farther than the radius (+ a model voxel) nothing changes
+    from voila.infer.encoding import NEGATIVE_CLICK_RADIUS_MM
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    distance = np.sqrt(sum(((axis - c) * d) ** 2 for axis, c, d in zip(np.indices(ct.shape), far, spacing)))
+    away = distance > NEGATIVE_CLICK_RADIUS_MM + 2 * max(segmenter.preprocessing.spacing)
+    changed = (inside.labelmap == organ.label) != (carved.labelmap == organ.label)
+    assert changed.any() and not (changed & away).any()
     with pytest.raises(PromptError, match="only excluding points"):
         encoding.segment([], points={"my organ": [(excluded, False)]})
     with pytest.raises(PromptError, match="lies outside the image"):
         encoding.segment([], points={"my organ": [((9e3, 0.0, 0.0), True)]})
+
+
+def test_an_including_click_on_what_the_text_found_keeps_it(segmenter, volume, liver_click):
+    ct, _, affine = volume
+    encoding = segmenter.encode(ct, affine, overlap=OVERLAP)
+    text = encoding.segment(["liver"])
+    clicked = encoding.segment(["liver"], points={"liver": [(liver_click, True)]})
+    liver = text.labelmap == text.prompts[0].label
+    assert liver[tuple(np.round(np.linalg.solve(affine, [*liver_click, 1.0])[:3]).astype(int))]
+    # the same voxels, less any part not connected to the clicked one
+    kept = clicked.labelmap == clicked.prompts[0].label
+    assert not (kept & ~liver).any() and kept.sum() >= 0.95 * liver.sum()
 
 
 @pytest.mark.parametrize("grid", GRIDS)

@@ -5,13 +5,16 @@ VOILA classifies every voxel token by cosine similarity to class embeddings, so 
 network; :meth:`VolumeEncoding.segment` answers prompts from the stored tokens, and
 :meth:`Segmenter.segment` is exactly ``encode(...).segment(...)``.
 
-Clicks use VOILA's own space (rule documented in ``DESIGN.md``): the tokens around a positive
-click, averaged and normalised, are a prototype of what the user means; the prompt's embedding
-becomes ``normalize(w · text + prototype)`` with ``w = 1`` for a class the model was trained on
-and ``w = 0.25`` for free text (its CLIP embedding was never aligned with the voxel tokens), so a
-click plus any name segments the clicked thing. Each negative click adds a competing "not this"
-embedding (its own prototype) that counts as background. The prompt keeps only the connected
-region(s) holding its positive clicks. A box keeps the prompt's result inside it.
+Clicks use VOILA's own space (rule in ``VOILATraining/DESIGN.md``): the tokens around a positive
+click that the text alone left out, averaged and normalised, are a prototype of what the user
+means; the prompt's embedding becomes ``normalize(w · text + prototype)`` with ``w = 1`` for a
+class the model was trained on and ``w = 0.25`` for free text (its CLIP embedding was never aligned
+with the voxel tokens), so a click plus any name segments the clicked thing. A positive click on
+what the text already found changes no embedding: it only picks that region. Each negative click
+adds a competing "not this" embedding (its own prototype) that counts as background within
+:data:`NEGATIVE_CLICK_RADIUS_MM` of the click: an edit where the user clicked, never a change of
+the whole structure. The prompt keeps only the connected region(s) holding its positive clicks.
+A box keeps the prompt's result inside it.
 
 >>> encoding = segmenter.encode(ct, affine)                       # seconds to minutes
 >>> encoding.segment(["liver"]).prompts[0].volume_ml             # about a second
@@ -44,6 +47,10 @@ TEXT_WEIGHT_TRAINED = 1.0
 TEXT_WEIGHT_FREE_TEXT = 0.25
 # Half-width (voxels) of the neighbourhood whose tokens make a click's prototype.
 PROTOTYPE_RADIUS = 1
+# A negative click's "not this" competes only this close to it (mm): a click on a leak removes the
+# leak, not every voxel that looks like it (BENCHMARKS.md §9: unbounded, one negative click on a
+# liver's boundary leak took the whole liver).
+NEGATIVE_CLICK_RADIUS_MM = 25.0
 
 Point = tuple[Sequence[float], bool]  # ((R, A, S) in mm, positive)
 Box = tuple[Sequence[float], Sequence[float]]  # two opposite corners (R, A, S) in mm
@@ -108,14 +115,14 @@ class VolumeEncoding:
         embeddings = segmenter.class_embeddings(resolved)
         rows = segmenter.prompt_rows(resolved)
         clicks = self._click_voxels(resolved, spatial_points)
-        embeddings, negatives = self._apply_clicks(embeddings, resolved, rows, clicks)
         region = self.encoded.region
         labels, probability, runner_up = classify_tokens(
             segmenter.model, self.encoded.tokens, embeddings, device=segmenter.device
         )
-        background_from = embeddings.shape[0] - negatives  # "not this" rows count as background
-        labels[labels >= background_from] = 0
-        runner_up[runner_up >= background_from] = 0
+        if clicks:
+            labels, probability, runner_up = self._classify_with_clicks(
+                embeddings, resolved, rows, clicks, labels, (labels, probability, runner_up)
+            )
         for p, row in zip(resolved, rows):
             mine = labels == row
             if p.key in spatial_boxes:
@@ -233,32 +240,56 @@ class VolumeEncoding:
         mean = torch.cat(gathered, dim=1).mean(dim=1)
         return torch.nn.functional.normalize(mean, dim=0)
 
-    def _apply_clicks(
-        self,
-        embeddings: torch.Tensor,
-        resolved: Sequence[ResolvedPrompt],
-        rows: Sequence[int],
-        clicks: Mapping[str, Sequence[tuple[tuple[int, int, int], bool]]],
-    ) -> tuple[torch.Tensor, int]:
-        """Embeddings with each clicked prompt's row moved towards its prototype, and one "not
-        this" row per negative click appended; returns them and the number appended."""
+    def _classify_with_clicks(self, embeddings, resolved, rows, clicks, text_labels, text_answer):
+        """Winning row, probability and runner-up ``(region shape)`` once the clicks apply:
+        prompts pulled towards the positive clicks the text left out (``text_labels``: the text's
+        answer), then each negative click's "not this" row (as background) within
+        :data:`NEGATIVE_CLICK_RADIUS_MM` of it."""
+        model, tokens, device = self.segmenter.model, self.encoded.tokens, self.segmenter.device
         embeddings = embeddings.clone()
-        negatives = []
+        pulled, negatives = False, []
         for p, row in zip(resolved, rows):
             if p.key not in clicks:
                 continue
-            positive = [voxel for voxel, is_positive in clicks[p.key] if is_positive]
-            weight = TEXT_WEIGHT_TRAINED if p.trained else TEXT_WEIGHT_FREE_TEXT
-            prototype = self._prototype(positive).to(embeddings)
-            embeddings[row] = torch.nn.functional.normalize(weight * embeddings[row] + prototype, dim=0)
-            negatives += [
-                self._prototype([voxel]).to(embeddings)
-                for voxel, is_positive in clicks[p.key]
-                if not is_positive
+            missed = [
+                voxel
+                for voxel, positive in clicks[p.key]
+                if positive and int(text_labels[self._local(voxel)]) != row
             ]
-        if negatives:
-            embeddings = torch.cat([embeddings, torch.stack(negatives)])
-        return embeddings, len(negatives)
+            if missed:
+                weight = TEXT_WEIGHT_TRAINED if p.trained else TEXT_WEIGHT_FREE_TEXT
+                prototype = self._prototype(missed).to(embeddings)
+                embeddings[row] = torch.nn.functional.normalize(weight * embeddings[row] + prototype, dim=0)
+                pulled = True
+            negatives += [voxel for voxel, positive in clicks[p.key] if not positive]
+        answer = classify_tokens(model, tokens, embeddings, device=device) if pulled else text_answer
+        if not negatives:
+            return answer
+        rows_with_not = torch.cat(
+            [embeddings, torch.stack([self._prototype([v]) for v in negatives]).to(embeddings)]
+        )
+        labels, probability, runner_up = classify_tokens(model, tokens, rows_with_not, device=device)
+        labels[labels >= embeddings.shape[0]] = 0  # "not this" counts as background
+        runner_up[runner_up >= embeddings.shape[0]] = 0
+        near = torch.from_numpy(self._near(negatives, NEGATIVE_CLICK_RADIUS_MM))
+        return tuple(
+            torch.where(near, edited, kept) for edited, kept in zip((labels, probability, runner_up), answer)
+        )
+
+    def _local(self, voxel: tuple[int, int, int]) -> tuple[int, int, int]:
+        """A model-grid voxel's index in the encoded region."""
+        return tuple(v - s.start for v, s in zip(voxel, self.encoded.region))
+
+    def _near(self, voxels: Sequence[tuple[int, int, int]], radius_mm: float) -> np.ndarray:
+        """``(region shape)`` bool: the encoded region's voxels within ``radius_mm`` of any of ``voxels``."""
+        region = self.encoded.region
+        spacing = np.linalg.norm(self.grid_affine[:3, :3], axis=0)
+        axes = np.meshgrid(*(np.arange(s.start, s.stop) for s in region), indexing="ij", sparse=True)
+        near = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+        for voxel in voxels:
+            distance = sum(((axis - v) * d) ** 2 for axis, v, d in zip(axes, voxel, spacing))
+            near |= distance <= radius_mm**2
+        return near
 
 
 def _by_prompt(
