@@ -73,6 +73,13 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     assert card["preprocessing"] == base_card["preprocessing"]  # from the base, nothing repeated
     assert card["text_encoder"] == base_card["text_encoder"]
     assert "fine-tuned from tiny.safetensors" in training["summary"]
+    # the forgetting measure: the base's structures on the validation case, before and after
+    forgetting = training["base_classes_dice"]
+    assert set(forgetting["before"]) == set(forgetting["after"]) == {"liver"}
+    assert all(0 <= v <= 1 for v in [*forgetting["before"].values(), *forgetting["after"].values()])
+    assert forgetting["mean_change"] == pytest.approx(
+        forgetting["after"]["liver"] - forgetting["before"]["liver"], abs=2e-4
+    )
     # the review map's calibration and the structures' places come from this run's validation case
     review = card["review"]
     assert review["fitted_on"].startswith("1 whole validation case(s)")

@@ -121,7 +121,8 @@ def test_cas_target_peaks_where_classification_is_hard_in_the_cts_own_frame():
     shape = (12, 16, 20)  # D, H, W all different, hard region far from the centre on every axis
     d, h, w = torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij")
     hard = (d >= 1) & (d <= 3) & (h >= 10) & (h <= 13) & (w >= 14) & (w <= 18)
-    confidence = torch.where(hard, 0.05, 0.95).reshape(1, -1) + torch.rand(1, hard.numel()) * 0.01
+    noise = torch.rand(1, hard.numel(), generator=torch.Generator().manual_seed(0)) * 0.01
+    confidence = torch.where(hard, 0.05, 0.95).reshape(1, -1) + noise
     indices = torch.arange(hard.numel())[None]
     for kind in ("error", "rank"):
         target = complexity_target(confidence, indices, shape, sigma=1.0, kind=kind)
@@ -131,9 +132,10 @@ def test_cas_target_peaks_where_classification_is_hard_in_the_cts_own_frame():
     # ranks spread the easy voxels evenly over [0, 1): their mean is about 0.5
     ranked = complexity_target(confidence, indices, shape, sigma=1.0, kind="rank")
     assert float(ranked[0, 0][hard].mean()) > 0.7 > 0.55 > float(ranked[0, 0][~hard].mean())
-    # the error target says how likely a voxel is wrong: easy voxels near 0.05, wherever they are
+    # the error target says how likely a voxel is wrong: easy voxels near 0.05, wherever they are;
+    # the 3 x 4 x 5 hard block (0.95 wrong) keeps over half of it through the smoothing (sigma 1)
     error = complexity_target(confidence, indices, shape, sigma=1.0, kind="error")
-    assert float(error[0, 0][~hard].mean()) < 0.1 and float(error[0, 0][hard].mean()) > 0.6
+    assert float(error[0, 0][~hard].mean()) < 0.1 and float(error[0, 0][hard].mean()) > 0.5
 
 
 def divmod_3d(flat: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:

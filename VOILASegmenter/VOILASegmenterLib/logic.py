@@ -536,6 +536,16 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
         task.stopKeepsResult = True
         return self._startTask(task, "train", {"config": dict(config)})
 
+    def _runJob(self, job, waitForCompletion: bool):
+        """Start ``job`` as the logic's one job: its outcome when waiting, else the started job."""
+        self._job = job
+        try:
+            job.start()
+        except BaseException:
+            self._job = None
+            raise
+        return job.finish() if waitForCompletion else job
+
     def _startTask(self, task: WorkerTask, op: str, request: dict) -> WorkerTask:
         if self._job is not None and not self._job.done:
             raise JobAlreadyRunningError(
@@ -622,16 +632,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
             "showHeatmap": bool(showHeatmap),
             "heatmapOpacity": float(heatmapOpacity),
         }
-        job = SegmentationJob(self, request, progress)
-        self._job = job
-        try:
-            job.start()
-        except BaseException:
-            self._job = None
-            raise
-        if waitForCompletion:
-            return job.finish()
-        return job
+        return self._runJob(SegmentationJob(self, request, progress), waitForCompletion)
 
     # -- teaching --------------------------------------------------------------------------------
 
@@ -690,16 +691,7 @@ class VOILASegmenterLogic(ScriptedLoadableModuleLogic):
             "taught": taught,
             "settings": dict(defaults, **(settings or {})),
         }
-        job = TeachJob(self, request, progress)
-        self._job = job
-        try:
-            job.start()
-        except BaseException:
-            self._job = None
-            raise
-        if waitForCompletion:
-            return job.finish()
-        return job
+        return self._runJob(TeachJob(self, request, progress), waitForCompletion)
 
     def _modelToTeach(self, baseModelPath):
         """The base model file of a teaching run, checked to be a VOILA model."""

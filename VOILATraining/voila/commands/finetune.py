@@ -4,7 +4,6 @@ structures or the user's own scans (:mod:`voila.training.finetune`)."""
 from __future__ import annotations
 
 import argparse
-import shlex
 
 SUMMARY = "fine-tune a model file on a few (partly) labelled cases: new structures, your own scans"
 DESCRIPTION = (
@@ -29,6 +28,5 @@ def run(args: argparse.Namespace) -> int:
     from voila.training.finetune import FinetuneTrainer, finetune_config
 
     overrides = overrides_from_arguments(args)
-    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in args.argv)
     config = finetune_config(args.base, args.config_file, overrides)
     return run_trainer(FinetuneTrainer, config)

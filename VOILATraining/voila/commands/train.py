@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import signal
 import sys
 import threading
@@ -35,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from voila.training.loop import Trainer
 
     overrides = overrides_from_arguments(args)
-    overrides["command"] = "voila " + " ".join(shlex.quote(a) for a in args.argv)
     config = load_train_config(args.config, overrides)
     return run_trainer(Trainer, config)
 

@@ -20,7 +20,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -248,17 +248,14 @@ def predict_grid(
     patch_size: Sequence[int],
     overlap: float = 0.5,
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    progress: Callable[[float], None] | None = None,
-    cancel: threading.Event | None = None,
-    heatmap: bool = True,
-    sw_batch_size: int = 1,
+    **encoding: Any,
 ) -> GridPrediction:
     """Segment a preprocessed CT ``image`` ``(1, D, H, W)`` on the model grid:
     :func:`encode_grid` then :func:`classify_tokens` against ``class_embeddings`` ``(N, M)``
-    (row 0 background)."""
-    encoding = encode_grid(
-        model, image, patch_size, overlap, device, amp_dtype, progress, cancel, heatmap, sw_batch_size
+    (row 0 background). ``encoding``: :func:`encode_grid`'s other settings (``amp_dtype``,
+    ``progress``, ``cancel``, ``heatmap``, ``sw_batch_size``)."""
+    encoded = encode_grid(model, image, patch_size, overlap, device, **encoding)
+    labels, probability, runner_up = classify_tokens(
+        model, encoded.tokens, class_embeddings, device, encoding.get("cancel")
     )
-    labels, probability, runner_up = classify_tokens(model, encoding.tokens, class_embeddings, device, cancel)
-    return GridPrediction(labels, probability, runner_up, encoding.heatmap)
+    return GridPrediction(labels, probability, runner_up, encoded.heatmap)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,8 +419,12 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) 
 
 
 def overrides_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line (flags left out are not overrides)."""
-    return {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name, None) is not None}
+    """The settings given on the command line (flags left out are not overrides), and the command
+    itself (``args.argv``, set by :func:`voila.cli.main`) as the run's recorded ``command``."""
+    given = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name, None) is not None}
+    if getattr(args, "argv", None) is not None:
+        given["command"] = "voila " + " ".join(shlex.quote(str(a)) for a in args.argv)
+    return given
 
 
 def load_train_config(

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 
 from voila.data.preprocess import PreprocessingConfig
@@ -67,15 +68,8 @@ class FinetuneTrainer(Trainer):
                 )
 
     def build_model_config(self) -> ModelConfig:
-        values = self.base.model.config.to_dict()
-        config = self.config
-        if config.patch_size:
-            values["patch_size"] = list(config.patch_size)
-        if config.sampling:
-            values["sampling"]["mode"] = config.sampling
-        if config.sampling_ratio is not None:
-            values["sampling"]["ratio"] = config.sampling_ratio
-        values["text_adapters"] = bool(config.text_adapters or values.get("text_adapters"))
+        values = self.with_run_settings(self.base.model.config.to_dict())
+        values["text_adapters"] = bool(self.config.text_adapters or values.get("text_adapters"))
         return ModelConfig.from_dict(values)
 
     def build_preprocessing(self) -> PreprocessingConfig:
@@ -88,22 +82,11 @@ class FinetuneTrainer(Trainer):
         return self.base
 
     def prepare_data(self) -> TrainingData:
-        config = self.config
-        data = TrainingData.prepare(
-            config.data,
-            self.preprocessing,
-            self.vocabulary,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            cache=config.cache,
-            cache_dir=self.folder.cache,
-            need_validation_cases=self.dist.main,
+        data = super().prepare_data(
             template=self.base.card.get("prompt_template", DEFAULT_TEMPLATE),
             base_classes=self.base.card["classes"],
-            structures=config.structures or None,
-            annotated_region=config.annotated_region,
         )
-        if config.keep_base == "pseudo-labels":
+        if self.config.keep_base == "pseudo-labels":
             self._pseudo_label(data)
         return data
 
@@ -156,6 +139,39 @@ class FinetuneTrainer(Trainer):
             )
         self.base.model.cpu()
 
+    @torch.no_grad()
+    def _forgetting(self, after: dict[str, float]) -> dict[str, Any] | None:
+        """The forgetting measure: Dice of the base's structures on the whole validation cases,
+        by the base model (``before``) and by the fine-tuned one (``after``: ``after`` as given,
+        from the final validation), and the mean change. None without a final validation."""
+        base_classes = list(self.base.card["classes"])
+        if not after or not self.data.val_indices:
+            return None
+        features = self.base.text_cache.features([self.base_sentence(name) for name in base_classes[1:]])
+        before = self.validate_model(
+            self.base.model.to(self.device),
+            features.to(self.device),
+            base_classes,
+            self.base.card["model"]["patch_size"],
+            picture=False,
+        ).per_class
+        self.base.model.cpu()
+        shared = [name for name in before if name in after]
+        if not shared:
+            return None
+        change = float(np.mean([after[name] - before[name] for name in shared]))
+        LOG.info(
+            "the base's structures on the validation cases: mean Dice %.4f before, %.4f after (%+.4f)",
+            float(np.mean([before[name] for name in shared])),
+            float(np.mean([after[name] for name in shared])),
+            change,
+        )
+        return {
+            "before": {name: round(before[name], 4) for name in shared},
+            "after": {name: round(after[name], 4) for name in shared},
+            "mean_change": round(change, 4),
+        }
+
     def base_sentence(self, name: str) -> str:
         from voila.vocabulary import class_sentence
 
@@ -173,6 +189,9 @@ class FinetuneTrainer(Trainer):
         }
         record["added_classes"] = added
         record["keep_base"] = self.config.keep_base
+        forgetting = self._forgetting(totals.final_scores)
+        if forgetting is not None:
+            record["base_classes_dice"] = forgetting
         record["summary"] = (
             f"fine-tuned from {self.base_path.name}: added {', '.join(added) or 'no class'}; "
             + record["summary"]

@@ -143,7 +143,17 @@ class Trainer:
     def build_model_config(self) -> ModelConfig:
         """The preset with the settings that change it (patch, sampling, text encoder weights)."""
         config = self.config
-        values = load_preset(config.preset).to_dict()
+        values = self.with_run_settings(load_preset(config.preset).to_dict())
+        values["text_encoder"]["pretrained"] = config.text_pretrained_tag(
+            values["text_encoder"]["pretrained"]
+        )
+        values["text_adapters"] = bool(config.text_adapters)
+        return ModelConfig.from_dict(values)
+
+    def with_run_settings(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A model configuration's ``values`` (``ModelConfig.to_dict()``) with the run's settings
+        that may change it: the patch and the sampling."""
+        config = self.config
         if config.patch_size:
             values["patch_size"] = list(config.patch_size)
         if config.sampling:
@@ -152,11 +162,7 @@ class Trainer:
             values["sampling"]["ratio"] = config.sampling_ratio
         if config.oversampling is not None:
             values["sampling"]["oversampling"] = config.oversampling
-        values["text_encoder"]["pretrained"] = config.text_pretrained_tag(
-            values["text_encoder"]["pretrained"]
-        )
-        values["text_adapters"] = bool(config.text_adapters)
-        return ModelConfig.from_dict(values)
+        return values
 
     def build_preprocessing(self) -> PreprocessingConfig:
         """The one preprocessing of the model this run makes (its grid spacing)."""
@@ -166,8 +172,9 @@ class Trainer:
         """The vocabulary labels are named by (the installed one)."""
         return Vocabulary.load()
 
-    def prepare_data(self) -> TrainingData:
-        """Every case read and preprocessed once, the class list, what was skipped (every rank)."""
+    def prepare_data(self, **options: Any) -> TrainingData:
+        """Every case read and preprocessed once, the class list, what was skipped (every rank).
+        ``options``: more of :meth:`TrainingData.prepare`'s (fine-tuning: the base's classes)."""
         config = self.config
         return TrainingData.prepare(
             config.data,
@@ -180,6 +187,24 @@ class Trainer:
             need_validation_cases=self.dist.main,
             structures=config.structures or None,
             annotated_region=config.annotated_region,
+            **options,
+        )
+
+    def validate_model(self, model, features=None, class_names=None, patch_size=None, **options):
+        """:func:`validate_cases` of ``model`` on this run's validation cases, with the run's
+        overlap, device and AMP; ``features``, ``class_names`` and ``patch_size`` default to the
+        run's; ``options``: the other settings of :func:`validate_cases`."""
+        return validate_cases(
+            model,
+            self.features if features is None else features,
+            self.data.cases,
+            self.data.val_indices,
+            class_names or self.data.class_names,
+            patch_size or self.model_config.patch_size,
+            overlap=self.config.val_overlap,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            **options,
         )
 
     def base_model(self) -> LoadedModel | None:
@@ -265,18 +290,8 @@ class Trainer:
         if self.dist.main:
             self._report("validate", loss=getattr(self, "running_losses", {}).get("loss"))
             try:
-                result = validate_cases(
-                    self.model,
-                    self.features,
-                    self.data.cases,
-                    self.data.val_indices,
-                    self.data.class_names,
-                    self.model_config.patch_size,
-                    overlap=self.config.val_overlap,
-                    device=self.device,
-                    amp_dtype=self.amp_dtype,
-                    windows=self.config.val_windows,
-                    seed=self.config.seed,
+                result = self.validate_model(
+                    self.model, windows=self.config.val_windows, seed=self.config.seed
                 )
             except ModelFileError:  # NaN/Inf outputs: the weights diverged, the run cannot go on
                 failed = True
@@ -701,16 +716,8 @@ class Trainer:
         if self.data.val_indices and (self.config.val_windows or fit_here):
             # once, whole cases: the figure the card gives, and the review map's calibration
             calibration = CalibrationSample(seed=self.config.seed) if fit_here else None
-            final = validate_cases(
+            final = self.validate_model(
                 exported.model.to(self.device),
-                self.features,
-                self.data.cases,
-                self.data.val_indices,
-                self.data.class_names,
-                self.model_config.patch_size,
-                overlap=self.config.val_overlap,
-                device=self.device,
-                amp_dtype=self.amp_dtype,
                 picture=False,
                 calibration=calibration,
                 body_threshold=self.preprocessing.normalise(self.preprocessing.foreground_threshold),
