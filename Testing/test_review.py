@@ -24,6 +24,7 @@ from voila.infer.review import (
     structure_quality,
 )
 from voila.infer.segmenter import Segmenter
+from voila.model.model_file import read_model_card
 from voila.training.data import TrainingData
 from voila.training.export import training_places
 from voila.vocabulary import Vocabulary
@@ -253,3 +254,32 @@ def test_the_command_line_writes_the_kind_asked_for(tiny_model_path, phantom_ct,
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["heatmap_kind"] == "complexity" and "CAS complexity" in sidecar["heatmap"]
     assert nib.load(str(tmp_path / "heat.nii.gz")).shape == phantom_ct[1].shape
+
+
+def test_a_model_gets_a_calibration_from_a_file_into_a_new_copy_and_the_input_stays(
+    tiny_model_path, tmp_path
+):
+    from voila.training.export import recalibrated
+
+    data = write_phantom_dataset(tmp_path / "data", 1, shape=(24, 24, 24), spacing=(6, 6, 6), val_fraction=0)
+    table = {"calibration": {"x": [0.0, 0.5, 1.0], "y": [0.01, 0.2, 0.6]}, "fitted_on": "elsewhere"}
+    (tmp_path / "cal.json").write_text(json.dumps(table), encoding="utf-8")
+    before = tiny_model_path.read_bytes()
+    out = recalibrated(
+        tiny_model_path, tmp_path / "cal.json", [str(data)], tmp_path / "calibrated.safetensors"
+    )
+    review = read_model_card(out)["review"]
+    assert review["calibration"] == table["calibration"] and review["fitted_on"] == "elsewhere"
+    assert {"liver", "spleen", "aorta"} <= set(review["places"])
+    assert tiny_model_path.read_bytes() == before
+    with pytest.raises(FileExistsError, match="choose a new file"):
+        recalibrated(tiny_model_path, tmp_path / "cal.json", [str(data)], out)
+
+
+def test_the_shipped_demo_model_carries_a_calibration_measured_on_a_patient_it_never_saw(resources, capsys):
+    from voila.resources import DEMO_MODEL
+
+    review = read_model_card(resources / DEMO_MODEL)["review"]
+    assert "not trained on it" in review["fitted_on"] and len(review["calibration"]["x"]) >= 2
+    assert cli.main(["info", str(resources / DEMO_MODEL)]) == 0
+    assert "review map:          calibrated; bench_heatmap" in capsys.readouterr().out

@@ -13,7 +13,9 @@ one. Pictures: ``results/heatmap_reliability.png``, ``results/heatmap_<pair>.png
 
 It also writes ``results/heatmap_calibration.json``: the table fitted on all pairs together (each
 a model on a patient it never saw), in the form ``voila train --calibration FILE`` takes, so a model
-trained on all the patients with the same recipe ships a calibration measured on unseen patients.
+trained on all the patients with the same recipe ships a calibration measured on unseen patients;
+and ``results/heatmap_calibration_<model>_on_<ct>.json`` per pair, for that very model
+(``voila.training.export.recalibrated`` puts one into a model's card).
 
     python Testing/benchmarks/bench_heatmap.py --pair MODEL_A lidc --pair MODEL_B sample
 """
@@ -38,8 +40,14 @@ from voila.infer.segmenter import Segmenter
 from voila.infer.sliding_window import encode_grid
 from voila.vocabulary import Vocabulary
 
-MAPS = ("cas", "one_minus_p", "margin", "entropy", "cas_and_one_minus_p")
+MAPS = ("cas", "one_minus_p", "margin", "entropy", "cas_and_one_minus_p", "review_map")
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def model_name(path: Path) -> str:
+    """A run's folder name for ``<run>/model.safetensors``, else the file's stem."""
+    path = Path(path)
+    return path.parent.name if path.stem == "model" else path.stem
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -157,7 +165,7 @@ def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
     figure = Figure(figsize=(11, 5))
     raw_axis, calibrated_axis = figure.subplots(1, 2)
     for pair, curves in zip(pairs, calibration):
-        label = f"{Path(pair['model']).parent.name} on {pair['ct']}"
+        label = f"{model_name(pair['model'])} on {pair['ct']}"
         for axis, key in ((raw_axis, "raw"), (calibrated_axis, "calibrated")):
             points = curves[key]
             axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
@@ -203,7 +211,7 @@ def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
             axis.axis("off")
             if limits is not None:
                 figure.colorbar(shown, ax=axis, fraction=0.046)
-        name = f"{Path(pair['model']).parent.name}_on_{pair['ct']}"
+        name = f"{model_name(pair['model'])}_on_{pair['ct']}"
         figure.suptitle(f"{name}: axial slice {k} of the model grid")
         figure.tight_layout()
         figure.savefig(RESULTS / f"heatmap_{name}.png", dpi=90)
@@ -230,11 +238,14 @@ def main() -> None:
         )
     rows, results, calibration = [], [], []
     for pair, table in zip(pairs, tables):
-        name = f"{Path(pair['model']).parent.name} on {pair['ct']}"
+        name = f"{model_name(pair['model'])} on {pair['ct']}"
         scores = {m: auroc(v, pair["wrong"]) for m, v in pair["maps"].items()}
         top = {m: precision_at_top(v, pair["wrong"]) for m, v in pair["maps"].items()}
         raw_ece, raw_curve = expected_calibration_error(pair["maps"]["one_minus_p"], pair["wrong"])
         calibrated = apply_calibration(pair["maps"]["one_minus_p"], table)
+        # what the product shows: 1 - p through the table (ties where the table is flat)
+        scores["review_map"] = auroc(calibrated, pair["wrong"])
+        top["review_map"] = precision_at_top(calibrated, pair["wrong"])
         cal_ece, cal_curve = expected_calibration_error(calibrated, pair["wrong"])
         calibration.append({"raw": raw_curve, "calibrated": cal_curve})
         structures = structure_rows(pair, table)
@@ -268,9 +279,17 @@ def main() -> None:
             np.concatenate([p["wrong"] for p in pairs]),
         ),
         "fitted_on": "bench_heatmap: "
-        + "; ".join(f"{Path(p['model']).parent.name} on {p['ct']} (not trained on it)" for p in pairs),
+        + "; ".join(f"{model_name(p['model'])} on {p['ct']} (not trained on it)" for p in pairs),
     }
     (RESULTS / "heatmap_calibration.json").write_text(json.dumps(pooled, indent=1) + "\n", encoding="utf-8")
+    for p in pairs:
+        own = {
+            "calibration": fit_calibration(p["maps"]["one_minus_p"], p["wrong"]),
+            "fitted_on": f"bench_heatmap: {model_name(p['model'])} on {p['ct']} (not trained on it), "
+            f"{len(p['wrong'])} body voxels",
+        }
+        path = RESULTS / f"heatmap_calibration_{model_name(p['model'])}_on_{p['ct']}.json"
+        path.write_text(json.dumps(own, indent=1) + "\n", encoding="utf-8")
     benchlib.write_results("heatmap", {"machine": info, "results": results})
 
 

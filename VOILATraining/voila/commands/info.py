@@ -78,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"training:            {training.get('summary', '')}")
         if training.get("command"):
             print(f"reproduce with:      {training['command']}")
+    review = card.get("review") or {}
+    if review:
+        table = "calibrated" if review.get("calibration") else "not calibrated"
+        print(f"review map:          {table}; {review.get('fitted_on', '')}")
+        print(f"training places:     {len(review.get('places') or {})} structure(s)")
     print(f"trainable parameters: {format_parameters(loaded.model.trainable_parameters())}")
     print(f"classes ({len(classes)}):        {', '.join(classes)}")
     return 0

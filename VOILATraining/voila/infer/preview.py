@@ -117,7 +117,7 @@ def write_preview(
         figure.legend(
             handles=handles,
             loc="lower center",
-            ncol=min(len(handles), 6),
+            ncol=min(len(handles), 3),
             frameon=False,
             labelcolor="white",
             fontsize=11,
@@ -139,8 +139,8 @@ def write_preview(
 
 
 def _legend_label(p) -> str:
-    """``liver: 1520 ml, Dice ~0.91`` and ``CHECK`` for a flagged structure."""
+    """``liver: 1520 ml, pred. Dice 0.91`` and ``CHECK`` for a flagged structure."""
     text = f"{p.display_name}: {p.volume_ml:.0f} ml"
     if p.predicted_dice is not None:
-        text += f", Dice ~{p.predicted_dice:.2f}"
+        text += f", pred. Dice {p.predicted_dice:.2f}"
     return text + ("  CHECK" if p.check else "")

@@ -179,3 +179,33 @@ def export_model(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_model(path, built.model, card, built.text_cache)
+
+
+def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str], out: str | Path) -> Path:
+    """A copy of the model file ``model_path`` at ``out`` whose card's ``review`` entry is
+    replaced: the calibration table of the file ``calibration`` (e.g. fitted by
+    ``Testing/benchmarks/bench_heatmap.py`` on patients the model never saw) and the structures'
+    places in ``data`` (the datasets the model was trained on). Weights, text cache and the rest
+    of the card are unchanged; ``out`` must be a new file (the input is never replaced)."""
+    from voila.data.preprocess import PreprocessingConfig
+    from voila.infer.review import load_calibration
+    from voila.model.model_file import load_model
+    from voila.training.data import TrainingData
+    from voila.vocabulary import Vocabulary
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new file for the recalibrated model")
+    loaded = load_model(model_path)
+    preprocessing = PreprocessingConfig.from_dict(loaded.card["preprocessing"])
+    entry = load_calibration(calibration)
+    cases = TrainingData.prepare(
+        data,
+        preprocessing,
+        Vocabulary.load(),
+        val_fraction=0.0,
+        need_validation_cases=False,
+        structures=list(loaded.card["classes"][1:]),
+    )
+    entry["places"] = training_places(cases, preprocessing)
+    return save_model(out, loaded.model, dict(loaded.card, review=entry), loaded.text_cache)
