@@ -161,6 +161,10 @@ def sidecar_beside_bids_metadata(ctx) -> None:
 MEASURED = textwrap.dedent(
     """
     import sys, torch, voila, voila.cli, voila.data.io, voila.model.model_file
+    # what the commands import on first use (monai, open_clip, torchvision, SimpleITK): imports are
+    # not the command's allocations, and their size varies with the installed versions
+    import monai, open_clip, SimpleITK, voila.commands.info, voila.commands.segment
+    import voila.infer.pipeline, voila.infer.segmenter, voila.model.factory
     def peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
