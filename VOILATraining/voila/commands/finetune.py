@@ -14,12 +14,11 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from voila.training.config import add_arguments as add_setting_flags
+    from voila.commands.train import add_configuration_arguments
     from voila.training.finetune import FIXED_BY_BASE
 
     parser.add_argument("base", metavar="BASE", help="the VOILA .safetensors model to start from")
-    parser.add_argument("--config", dest="config_file", help="a training configuration YAML file (optional)")
-    add_setting_flags(parser, exclude=FIXED_BY_BASE)
+    add_configuration_arguments(parser, "--config", exclude=FIXED_BY_BASE)
 
 
 def run(args: argparse.Namespace) -> int:

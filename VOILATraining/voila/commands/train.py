@@ -23,10 +23,20 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_configuration_arguments(parser, "config")
+
+
+def add_configuration_arguments(parser: argparse.ArgumentParser, config: str, exclude=()) -> None:
+    """The optional training configuration YAML file (a positional ``config``, or a ``--config``
+    flag stored as ``config_file``) and a flag for every training setting but ``exclude``."""
     from voila.training.config import add_arguments as add_setting_flags
 
-    parser.add_argument("config", nargs="?", help="a training configuration YAML file (optional)")
-    add_setting_flags(parser)
+    what = "a training configuration YAML file (optional)"
+    if config.startswith("--"):
+        parser.add_argument(config, dest="config_file", help=what)
+    else:
+        parser.add_argument(config, nargs="?", help=what)
+    add_setting_flags(parser, exclude=exclude)
 
 
 def run(args: argparse.Namespace) -> int:
