@@ -29,6 +29,7 @@ from pathlib import Path
 
 import benchlib
 import numpy as np
+import real_cts
 import torch
 from real_cts import CTS
 from scipy.stats import rankdata
@@ -225,6 +226,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = benchlib.machine()
     benchlib.print_machine(info)
+    real_cts.require(*(ct for _, ct in args.pair))
     pairs = [score_pair(Path(model), ct) for model, ct in args.pair]
     # calibration of each pair comes from the others (held out from the pair it is scored on)
     tables = []

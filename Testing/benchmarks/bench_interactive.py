@@ -21,6 +21,7 @@ import time
 
 import benchlib
 import numpy as np
+import real_cts
 from real_cts import CTS
 from scipy import ndimage
 from voila.data.io import read_image
@@ -125,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     info = benchlib.machine()
     benchlib.print_machine(info)
+    real_cts.require(*args.cts)
     segmenter = Segmenter.load(benchlib.DEMO_MODEL, device="cpu")
     vocabulary = Vocabulary.load()
     results = {}

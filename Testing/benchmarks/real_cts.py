@@ -55,6 +55,18 @@ ABDOMINAL_PROMPTS = (
 )
 
 
+def require(*names: str) -> None:
+    """Stop with one line saying what to fetch when a CT of ``names`` is not on this machine (a
+    clone has the bundled CT; LIDC-IDRI-0001 comes from the team's ``../shared/data``)."""
+    for name in names:
+        missing = [str(path) for path in CTS[name] if not path.is_file()]
+        if missing:
+            raise SystemExit(
+                f"the {name} CT is not here ({', '.join(missing)}): put the team's shared data next to "
+                "the repository (../shared/data) or leave this CT out"
+            )
+
+
 def class_names() -> dict[str, str]:
     return json.loads(
         (REPO / "Resources/Terminology/totalsegmentator_classes.json").read_text(encoding="utf-8")
@@ -63,6 +75,7 @@ def class_names() -> dict[str, str]:
 
 def datalist(path: Path, train: list[str], validate: list[str] = ()) -> Path:
     """A MONAI datalist training on the CTs ``train`` and validating on ``validate``."""
+    require(*train, *validate)
     entries = {name: {"image": str(CTS[name][0]), "label": str(CTS[name][1])} for name in CTS}
     labels = {"0": "background", **class_names()}
     content = {
@@ -78,6 +91,7 @@ def datalist(path: Path, train: list[str], validate: list[str] = ()) -> Path:
 
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
+    require(*CTS)
     datalist(out / "sample_to_lidc.json", ["sample"], ["lidc"])
     datalist(out / "lidc_to_sample.json", ["lidc"], ["sample"])
     datalist(out / "both.json", ["sample", "lidc"])

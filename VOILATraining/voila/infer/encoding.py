@@ -121,7 +121,7 @@ class VolumeEncoding:
         )
         if clicks:
             labels, probability, runner_up = self._classify_with_clicks(
-                embeddings, resolved, rows, clicks, labels, (labels, probability, runner_up)
+                embeddings, resolved, rows, clicks, (labels, probability, runner_up)
             )
         for p, row in zip(resolved, rows):
             mine = labels == row
@@ -240,9 +240,9 @@ class VolumeEncoding:
         mean = torch.cat(gathered, dim=1).mean(dim=1)
         return torch.nn.functional.normalize(mean, dim=0)
 
-    def _classify_with_clicks(self, embeddings, resolved, rows, clicks, text_labels, text_answer):
+    def _classify_with_clicks(self, embeddings, resolved, rows, clicks, text_answer):
         """Winning row, probability and runner-up ``(region shape)`` once the clicks apply:
-        prompts pulled towards the positive clicks the text left out (``text_labels``: the text's
+        prompts pulled towards the positive clicks the text left out (``text_answer``: the text's
         answer), then each negative click's "not this" row (as background) within
         :data:`NEGATIVE_CLICK_RADIUS_MM` of it."""
         model, tokens, device = self.segmenter.model, self.encoded.tokens, self.segmenter.device
@@ -254,7 +254,7 @@ class VolumeEncoding:
             missed = [
                 voxel
                 for voxel, positive in clicks[p.key]
-                if positive and int(text_labels[self._local(voxel)]) != row
+                if positive and int(text_answer[0][self._local(voxel)]) != row
             ]
             if missed:
                 weight = TEXT_WEIGHT_TRAINED if p.trained else TEXT_WEIGHT_FREE_TEXT
