@@ -51,6 +51,8 @@ def main() -> None:
         float(s) for s in re.findall(r"validation after epoch \d+: .*\(([\d.]+) s\)", log)
     )
     validations = len(re.findall(r"validation after epoch", log))
+    final_check = re.findall(r"validation of the exported model, whole cases: .*\(([\d.]+) s\)", log)
+    plan = re.findall(r"time box: (.*)", log)
     row = {
         "command": " ".join(["voila", *command[3:]]),
         "optimizer_steps": training["optimizer_steps"],
@@ -59,6 +61,8 @@ def main() -> None:
         "validations": validations,
         "validation_seconds": validation_seconds,
         "validation_share": validation_seconds / max(seconds, 1e-9),
+        "final_check_seconds": float(final_check[0]) if final_check else None,
+        "time_box_plan": plan[0] if plan else None,
         "val_mean_dice": training.get("val_mean_dice"),
         "final_val_mean_dice": training.get("final_val_mean_dice"),
     }
@@ -69,6 +73,7 @@ def main() -> None:
             "command min",
             "validations",
             "validation share",
+            "final whole-case check s",
             "val Dice (training case)",
         ],
         [
@@ -78,10 +83,13 @@ def main() -> None:
                 f"{row['command_minutes']:.1f}",
                 validations,
                 f"{row['validation_share']:.1%}",
+                row["final_check_seconds"],
                 row["final_val_mean_dice"],
             ]
         ],  # fmt: skip
     )
+    if plan:
+        print(f"time box: {plan[0]}")
     benchlib.write_results("one_case", {"machine": info, "results": row})
 
 

@@ -59,6 +59,7 @@ from voila.training.distributed import Distributed
 from voila.training.export import RunTotals, export_model, review_entry, training_record
 from voila.training.report import MetricsTable, TensorBoardLog, plot_curves, plot_validation
 from voila.training.run_folder import RunFolder
+from voila.training.timebox import plan_patch
 from voila.training.validation import ValidationResult, validate_cases
 from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary, free_text_color
 
@@ -206,6 +207,49 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             **options,
         )
+
+    def fit_patch_to_time_box(self, resume_state: dict[str, Any] | None) -> None:
+        """Without ``--patch-size``: a resumed run keeps its checkpoint's patch; a new run with a
+        time box on the CPU takes the largest patch with which an epoch fits in the box
+        (:func:`voila.training.timebox.plan_patch`, measured on this machine)."""
+        config, model_config = self.config, self.model_config
+        if config.patch_size:
+            return
+        if resume_state is not None:
+            model_config.patch_size = list(resume_state["model_config"]["patch_size"])
+            return
+        if config.max_minutes is None or self.device.type != "cpu":
+            return
+        seconds = config.max_minutes * 60 - (time.monotonic() - self.session_start)
+        steps = min(self.steps_per_epoch, self.steps_per_epoch * config.epochs)
+        plan = self.dist.agree(
+            lambda: plan_patch(
+                model_config,
+                len(self.data.class_names),
+                self.features.shape[1],
+                config.batch_size * config.accumulate,
+                seconds,
+                steps,
+            )
+        )
+        preset = "×".join(str(n) for n in model_config.patch_size)
+        chosen = "×".join(str(n) for n in plan.patch_size)
+        if plan.patch_size == list(model_config.patch_size):
+            LOG.info(
+                "time box: the patch %s fits (%.1f s per step on the CPU)", preset, plan.seconds_per_step
+            )
+            return
+        LOG.info(
+            "time box: patch %s instead of the preset's %s, so that an epoch (%d steps) fits in %.1f "
+            "minutes on the CPU (measured %s); about %d steps fit; --patch-size chooses the patch",
+            chosen,
+            preset,
+            steps,
+            seconds / 60,
+            ", ".join(f"{edge}³ {t:.1f} s/step" for edge, t in sorted(plan.measured.items())),
+            plan.steps_in_box,
+        )
+        model_config.patch_size = list(plan.patch_size)
 
     def base_model(self) -> LoadedModel | None:
         """An existing model to start from (fine-tuning); None trains from scratch."""
@@ -392,15 +436,16 @@ class Trainer:
         else:
             features = dist.agree(self.encode_class_texts)
         self.features = features.to(device)
+        self.steps_per_epoch = config.steps_per_epoch or max(
+            1, math.ceil(len(data.train_indices) / (config.batch_size * config.accumulate * dist.world))
+        )
+        self.fit_patch_to_time_box(resume_state)
 
         seed_everything(config.seed)
         self.built = self.build_model(features)
         self.model = self.built.model.to(device)
         seed_everything(derived_seed(config.seed, dist.rank, 1))
 
-        self.steps_per_epoch = config.steps_per_epoch or max(
-            1, math.ceil(len(data.train_indices) / (config.batch_size * config.accumulate * dist.world))
-        )
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = self.build_optimizer(self.model)
         self.parameter_groups_lrs = [{"lr": group["lr"]} for group in self.optimizer.param_groups]
