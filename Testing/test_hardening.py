@@ -30,7 +30,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_data_io import _write_dicom_series
 from voila import device as device_module
 from voila import errors
@@ -672,16 +672,25 @@ def api_error(**settings) -> errors.VoilaError:
     return raised.value
 
 
+def augmented(command: list[str]) -> list[str]:
+    """``command`` with augmentation on: a resumed run must replay its random patches exactly."""
+    return [arg for arg in command if arg != "--no-augment"]
+
+
 @pytest.fixture(scope="module")
 def killed_run(phantom_dataset, tmp_path_factory) -> dict[str, Any]:
     """A real ``voila train`` process: a second run is tried while it trains, then it is SIGKILLed
-    right after a mid-epoch checkpoint and resumed with ``--resume`` to the end."""
+    right after a mid-epoch checkpoint and resumed with ``--resume`` to the end. Alongside it, the
+    same run uninterrupted (one thread each: same arithmetic, and the machine has two cores)."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    record: dict[str, Any] = {"out": out}
+    straight = out.parent / "uninterrupted"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    record: dict[str, Any] = {"out": out, "uninterrupted": straight}
+    twin = subprocess.Popen(augmented(train_cli(straight, phantom_dataset)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env)  # fmt: skip
     with open(out.parent / "first.err", "w+", encoding="utf-8", errors="replace") as first_err:
-        process = subprocess.Popen(train_cli(out, phantom_dataset), stderr=first_err, stdout=subprocess.DEVNULL,
-                                   env=env)  # fmt: skip
+        process = subprocess.Popen(augmented(train_cli(out, phantom_dataset)), stderr=first_err,
+                                   stdout=subprocess.DEVNULL, env=env)  # fmt: skip
         try:
             last = out / "checkpoints" / "last.pt"
             deadline = time.monotonic() + 240
@@ -700,10 +709,12 @@ def killed_run(phantom_dataset, tmp_path_factory) -> dict[str, Any]:
         record["first_stderr"] = first_err.read()
     record["killed_at_step"] = int(torch.load(last, weights_only=True)["global_step"])
     record["lock_left_behind"] = (out / ".voila-train.lock").exists()
-    resumed = subprocess.run(train_cli(out, phantom_dataset, "--resume"), capture_output=True, text=True, env=env, encoding="utf-8", errors="replace",
-                             timeout=600)  # fmt: skip
+    resumed = subprocess.run(augmented(train_cli(out, phantom_dataset, "--resume")), capture_output=True, text=True, env=env,
+                             encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     record["resumed"] = resumed
     record["again_cli"] = in_process(train_cli(out, phantom_dataset)[3:])
+    _, record["uninterrupted_stderr"] = twin.communicate(timeout=600)
+    record["uninterrupted_code"] = twin.returncode
     return record
 
 
@@ -724,6 +735,28 @@ def check_resumed_without_losing_progress(record: dict[str, Any]) -> None:
     assert final["global_step"] == 6 and final["epoch"] == 2
     assert (out / "model.safetensors").is_file()
     assert not [p for p in out.rglob("*") if ".partial-" in p.name], listing(out)
+
+
+def check_resumed_bit_identical_to_uninterrupted(record: dict[str, Any]) -> None:
+    """Weights, optimiser moments, exported model and metrics rows of the killed-and-resumed run
+    equal the uninterrupted run's exactly (RNG, data order, augmentation, scheduler restored)."""
+    assert record["uninterrupted_code"] == 0, record["uninterrupted_stderr"][-3000:]
+    interrupted, straight = record["out"], record["uninterrupted"]
+    final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    final_b = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
+    assert final_a["global_step"] == final_b["global_step"] == 6
+    assert final_a["model"].keys() == final_b["model"].keys()
+    different = [k for k in final_a["model"] if not torch.equal(final_a["model"][k], final_b["model"][k])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        for index, entry in final_a["optimizer"]["state"].items():
+            assert torch.equal(entry[key], final_b["optimizer"]["state"][index][key])
+    model_a = load_file(str(straight / "model.safetensors"))
+    model_b = load_file(str(interrupted / "model.safetensors"))
+    assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    epochs_a = [row.split(",")[0] for row in (straight / "metrics.csv").read_text().splitlines()[1:]]
+    epochs_b = [row.split(",")[0] for row in (interrupted / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs_b == epochs_a == ["0", "1"], "a resumed run keeps one metrics row per epoch"
 
 
 def check_no_library_chatter(record: dict[str, Any]) -> None:
@@ -758,6 +791,7 @@ def check_second_run_refused_after_it_finished(record: dict[str, Any]) -> None:
 
 KILLED_RUN_ROWS = [
     Row("sigkill-mid-epoch-then-resume", check_resumed_without_losing_progress, "(global step"),
+    Row("sigkill-resume-ends-bit-identical", check_resumed_bit_identical_to_uninterrupted, ""),
     Row("corrupt-case-skipped-and-reported", check_corrupt_case_skipped, "skipped case"),
     Row("training-log-without-library-chatter", check_no_library_chatter, ""),
     Row(
