@@ -86,6 +86,20 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     assert len(review["calibration"]["x"]) >= 2 and {"liver", "Tumor Core"} <= set(review["places"])
 
 
+def test_a_time_boxed_finetune_keeps_the_bases_patch(tiny_model_path, new_structure_data, tmp_path):
+    """The base's patch is the inference window of a model the user has: a time box on the CPU
+    (which picks the patch for ``voila train``) does not change it."""
+    settings = {k: v for k, v in FAST.items() if k != "patch_size"}
+    settings.update(data=[str(new_structure_data)], out=str(tmp_path / "boxed"), steps_per_epoch=250,
+                    max_minutes=0.02)  # fmt: skip
+    path = voila.finetune(tiny_model_path, settings)
+    assert (
+        read_model_card(path)["model"]["patch_size"]
+        == read_model_card(tiny_model_path)["model"]["patch_size"]
+    )
+    assert "time box: patch" not in (tmp_path / "boxed" / "train.log").read_text(encoding="utf-8")
+
+
 def test_the_base_file_is_never_modified(finetuned):
     assert digest(finetuned["base"]) == finetuned["base_digest_before"]
 

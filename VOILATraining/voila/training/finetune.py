@@ -52,7 +52,11 @@ PSEUDO_LABEL_OVERLAP = 0.25
 
 class FinetuneTrainer(Trainer):
     """The trainer with the fine-tuning hooks: the base's architecture, preprocessing, vocabulary
-    and text cache; its classes first; pseudo-labels; the base recorded in the card."""
+    and text cache; its classes first; pseudo-labels; the base recorded in the card. The base's
+    patch is kept whatever the time box (it is the taught model's inference window, which the
+    user already has); ``--patch-size`` changes it."""
+
+    plans_patch = False
 
     def __init__(self, config, progress=None, stop=None, progress_bar: bool = True) -> None:
         super().__init__(config, progress=progress, stop=stop, progress_bar=progress_bar)

@@ -121,6 +121,8 @@ class Trainer:
     """One training run. ``progress`` gets a :class:`TrainingProgress` per optimiser step and
     phase change; setting ``stop`` ends the run cleanly (checkpoint + exported model)."""
 
+    plans_patch = True  # a time box on the CPU may choose the patch (fit_patch_to_time_box)
+
     def __init__(
         self,
         config: TrainConfig,
@@ -218,7 +220,7 @@ class Trainer:
         if resume_state is not None:
             model_config.patch_size = list(resume_state["model_config"]["patch_size"])
             return
-        if config.max_minutes is None or self.device.type != "cpu":
+        if not self.plans_patch or config.max_minutes is None or self.device.type != "cpu":
             return
         seconds = config.max_minutes * 60 - (time.monotonic() - self.session_start)
         steps = min(self.steps_per_epoch, self.steps_per_epoch * config.epochs)

@@ -7,7 +7,8 @@ optimiser steps of the run's own architecture (a throwaway copy: the run's weigh
 streams are untouched) and picks the largest cube patch, in steps of :data:`PATCH_STEP` voxels
 from the preset's down to :data:`SMALLEST_PATCH`, with which one epoch fits in the box. The choice
 is logged, kept in the checkpoint (a resumed run keeps it) and in the model card (inference uses
-the same windows). ``--patch-size`` always wins; on a GPU the preset's patch is kept.
+the same windows). ``--patch-size`` always wins; on a GPU the preset's patch is kept, and
+fine-tuning keeps its base's patch (the inference window of a model the user already has).
 
 Example::
 
