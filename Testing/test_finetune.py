@@ -73,6 +73,9 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     assert card["preprocessing"] == base_card["preprocessing"]  # from the base, nothing repeated
     assert card["text_encoder"] == base_card["text_encoder"]
     assert "fine-tuned from tiny.safetensors" in training["summary"]
+    base_spacing = base_card["preprocessing"]["spacing"]  # the base's grid, not the --spacing default
+    assert f"{base_spacing[0]:g} mm grid" in training["summary"]
+    assert training["settings"]["model"]["spacing"] == base_spacing
     # the forgetting measure: the base's structures on the validation case, before and after
     forgetting = training["base_classes_dice"]
     assert set(forgetting["before"]) == set(forgetting["after"]) == {"liver"}

@@ -11,6 +11,7 @@ counts, skipped cases), how far it trained, and how it validated.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,20 +48,29 @@ class RunTotals:
 
 
 def training_record(
-    config, data, model_config: ModelConfig, totals: RunTotals, exported_weights: str
+    config,
+    data,
+    model_config: ModelConfig,
+    totals: RunTotals,
+    exported_weights: str,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """The card's ``training`` entry (see the module docstring)."""
+    """The card's ``training`` entry (see the module docstring). ``spacing``: the model grid's
+    (default the run's setting; fine-tuning trains on its base's grid, whatever the setting)."""
     import voila
 
     validated = totals.best_epoch >= 0
+    spacing = [float(v) for v in (spacing if spacing is not None else config.spacing)]
     settings = config.sections()
     for key in ("command", "description", "intended_use", "notes"):
         settings["run"].pop(key, None)
-    settings["model"].update(patch_size=list(model_config.patch_size), sampling=asdict(model_config.sampling))
+    settings["model"].update(
+        patch_size=list(model_config.patch_size), sampling=asdict(model_config.sampling), spacing=spacing
+    )
     summary = (
         f"{model_config.name} preset, {len(data.train_indices)} training case(s) from "
         f"{len(data.datasets)} dataset(s), {totals.epochs_completed} epoch(s) x {totals.steps_per_epoch} steps, "
-        f"{model_config.sampling.mode} sampling, {config.spacing[0]:g} mm grid; "
+        f"{model_config.sampling.mode} sampling, {spacing[0]:g} mm grid; "
         + (
             f"best validation mean Dice {totals.best_dice:.3f} (epoch {totals.best_epoch + 1}"
             + (f", {config.val_windows} windows" if config.val_windows else "")

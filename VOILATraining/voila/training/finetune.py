@@ -35,7 +35,7 @@ from voila.model.model_file import LoadedModel, load_model
 from voila.model.text_encoder import TextEmbeddingCache, TextEncoder, text_encoder_id
 from voila.training.config import load_train_config, setting_names
 from voila.training.data import TrainingData
-from voila.training.export import RunTotals, training_record
+from voila.training.export import RunTotals
 from voila.training.loop import Trainer, TrainingProgress
 from voila.vocabulary import DEFAULT_TEMPLATE, Vocabulary
 
@@ -182,7 +182,7 @@ class FinetuneTrainer(Trainer):
         return class_sentence(name, self.vocabulary, self.base.card.get("prompt_template", DEFAULT_TEMPLATE))
 
     def training_record(self, totals: RunTotals, source: str) -> dict[str, Any]:
-        record = training_record(self.config, self.data, self.model_config, totals, source)
+        record = super().training_record(totals, source)
         base_classes = list(self.base.card["classes"])
         added = [name for name in self.data.class_names if name not in base_classes]
         record["base"] = {

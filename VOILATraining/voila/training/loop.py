@@ -794,7 +794,9 @@ class Trainer:
 
     def training_record(self, totals: RunTotals, source: str) -> dict[str, Any]:
         """The card's ``training`` entry (fine-tuning adds its base)."""
-        return training_record(self.config, self.data, self.model_config, totals, source)
+        return training_record(
+            self.config, self.data, self.model_config, totals, source, spacing=self.preprocessing.spacing
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def encode_class_texts(self) -> torch.Tensor:
