@@ -1,21 +1,28 @@
-"""Give the shipped demo model the review map's calibration measured on a patient it never saw.
+"""Give a demo model the review map's calibration measured on a patient never trained on.
 
-The demo model was trained on the bundled CT only, so LIDC-IDRI-0001 (``../shared/data``) is unseen:
-``bench_heatmap.py`` scores it there and fits the calibration table on its errors; this script
-copies the model with that table and the structures' places (from the bundled CT) in its card.
+``bench_heatmap.py`` scores a model on a CT it was not trained on and fits the calibration table on
+its errors; this script copies ``--model`` with that table and the structures' places (from the
+CTs it was trained on, ``--trained-on``) in its card. The shipped demo is trained on both real CTs,
+so its table comes from a model of the same recipe trained on the bundled CT alone and validated on
+LIDC (``--calibration-of``: the table that run fitted at export on the whole LIDC case, in its card):
 
-    python Testing/benchmarks/bench_heatmap.py --pair Resources/Models/voila_demo.safetensors lidc ...
-    python Testing/benchmarks/calibrate_demo.py --out runs/voila_demo_calibrated.safetensors
-    mv runs/voila_demo_calibrated.safetensors Resources/Models/voila_demo.safetensors
+    voila finetune runs/demo_stage1.safetensors --config Resources/Models/voila_demo_train_both.yaml \
+        --data runs/realct/sample_to_lidc.json --out runs/demo-recipe-sample
+    python Testing/benchmarks/calibrate_demo.py --model runs/voila-demo-both/model.safetensors \
+        --calibration-of runs/demo-recipe-sample/model.safetensors \
+        --trained-on sample lidc --out runs/voila_demo_calibrated.safetensors
+    cp runs/voila_demo_calibrated.safetensors Resources/Models/voila_demo.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
-from real_cts import datalist
+from real_cts import CTS, datalist
+from voila.model.model_file import read_model_card
 from voila.resources import DEMO_MODEL, resources_dir
 from voila.training.export import recalibrated
 
@@ -27,11 +34,22 @@ def main() -> None:
     parser.add_argument(
         "--calibration", type=Path, default=RESULTS / "heatmap_calibration_voila_demo_on_lidc.json"
     )
+    parser.add_argument("--calibration-of", type=Path, help="use the review calibration in this model's card")
+    parser.add_argument("--model", type=Path, default=resources_dir() / DEMO_MODEL)
+    parser.add_argument("--trained-on", nargs="+", default=["sample"], choices=list(CTS))
     parser.add_argument("--out", type=Path, required=True, help="the new model file (must not exist)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        trained_on = datalist(Path(folder) / "sample.json", ["sample"])
-        path = recalibrated(resources_dir() / DEMO_MODEL, args.calibration, [str(trained_on)], args.out)
+        calibration = args.calibration
+        if args.calibration_of is not None:
+            review = read_model_card(args.calibration_of).get("review") or {}
+            if not review.get("calibration"):
+                raise SystemExit(f"{args.calibration_of} has no review calibration in its card")
+            calibration = Path(folder) / "calibration.json"
+            fitted_on = f"the same recipe's {args.calibration_of}: {review.get('fitted_on', '')}"
+            calibration.write_text(json.dumps({"calibration": review["calibration"], "fitted_on": fitted_on}))
+        trained_on = datalist(Path(folder) / "trained_on.json", list(args.trained_on))
+        path = recalibrated(args.model, calibration, [str(trained_on)], args.out)
     print(f"wrote {path}")
 
 
