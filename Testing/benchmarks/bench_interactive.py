@@ -1,7 +1,7 @@
 """Steering a result: re-prompting from a kept encoding, zoom-out-zoom-in, and clicks.
 
 With the shipped demo model, on the bundled CT (``sample``, which it was trained on) and on
-LIDC-IDRI-0001 (``lidc``, ``../shared/data``: a patient it never saw):
+LIDC-IDRI-0001 (``lidc``, ``Testing/benchmarks/data``: a patient it never saw):
 
 - **re-prompt**: seconds of a full run (network + answer) against answering new prompts from the
   encoding the first run kept (what Slicer's worker and ``Segmenter.encode`` do);

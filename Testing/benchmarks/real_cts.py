@@ -1,7 +1,8 @@
-"""The two real CTs of ``../shared/data`` as training data: datalists for cross-patient runs.
+"""The two real CTs in the repository as training data: datalists for cross-patient runs.
 
 - ``sample``: the bundled abdominal/pelvic CT (``Resources/SampleData/totalseg-example``, 3 mm);
-- ``lidc``: LIDC-IDRI-0001, chest and upper abdomen, 0.7 × 0.7 × 2.5 mm (``../shared/data``).
+- ``lidc``: LIDC-IDRI-0001, chest and upper abdomen, 0.7 × 0.7 × 2.5 mm (``Testing/benchmarks/data``,
+  attribution in its README).
 
 Both carry TotalSegmentator label maps (label ``i`` = class ``i``). :data:`STRUCTURES` are the ones
 both show well; the others are background. ``datalist(folder, train=[...], validate=[...])`` writes a
@@ -18,13 +19,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
+BENCHMARK_DATA = Path(__file__).resolve().parent / "data"
 CTS = {
     "sample": (
         REPO / "Resources/SampleData/totalseg-example/example_ct.nii.gz",
         REPO / "Resources/SampleData/totalseg-example/example_seg_fast_force_split.nii.gz",
     ),
-    "lidc": (SHARED / "lidc-idri-0001/ct.nii.gz", SHARED / "lidc-idri-0001/totalseg_labels.nii.gz"),
+    "lidc": (
+        BENCHMARK_DATA / "lidc-idri-0001/ct.nii.gz",
+        BENCHMARK_DATA / "lidc-idri-0001/totalseg_labels.nii.gz",
+    ),
 }
 # Structures both CTs show with at least ~20 ml (or a whole vertebra), measured from their labels.
 STRUCTURES = (
@@ -56,14 +60,14 @@ ABDOMINAL_PROMPTS = (
 
 
 def require(*names: str) -> None:
-    """Stop with one line saying what to fetch when a CT of ``names`` is not on this machine (a
-    clone has the bundled CT; LIDC-IDRI-0001 comes from the team's ``../shared/data``)."""
+    """Stop with one line when a CT of ``names`` is missing from the checkout (both are in the
+    repository: a missing one was deleted or not checked out)."""
     for name in names:
         missing = [str(path) for path in CTS[name] if not path.is_file()]
         if missing:
             raise SystemExit(
-                f"the {name} CT is not here ({', '.join(missing)}): put the team's shared data next to "
-                "the repository (../shared/data) or leave this CT out"
+                f"the {name} CT is not here ({', '.join(missing)}): restore it with "
+                f"`git checkout -- {' '.join(missing)}` or leave this CT out"
             )
 
 
