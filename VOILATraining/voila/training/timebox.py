@@ -3,7 +3,7 @@
 The presets' patches are sized for a GPU (96³ for ``small``: about 55 s per optimiser step on two
 CPU cores), so ``voila train --max-minutes 10`` on a laptop made a handful of steps. When the run
 has a time box, runs on the CPU, and the user did not choose a patch, :func:`plan_patch` measures
-optimiser steps of the run's own architecture (a throwaway copy: the run's weights and random
+optimiser steps of the run's own architecture (a fresh network: the run's weights and random
 streams are untouched) and picks the largest cube patch, in steps of :data:`PATCH_STEP` voxels
 from the preset's down to :data:`SMALLEST_PATCH`, with which one epoch fits in the box. The choice
 is logged, kept in the checkpoint (a resumed run keeps it) and in the model card (inference uses
@@ -18,8 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import logging
 import time
 from dataclasses import dataclass
 
@@ -27,8 +25,6 @@ import torch
 
 from voila.model.config import ModelConfig
 from voila.model.voila import VoilaModel
-
-LOG = logging.getLogger("voila.train")
 
 PATCH_STEP = 16
 SMALLEST_PATCH = 32
@@ -61,7 +57,7 @@ def seconds_per_step(
 ) -> float:
     """Mean seconds of ``timed`` optimiser steps (after one warm-up) of ``model`` on random
     ``(batch_size, 1, edge, edge, edge)`` patches labelled with every class. ``model`` learns:
-    pass a copy."""
+    pass a throwaway network."""
     classes = class_features.shape[0] + 1
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     generator = torch.Generator().manual_seed(edge)
@@ -87,19 +83,16 @@ def plan_patch(
     batch_size: int,
     seconds: float,
     steps: int,
-    model: VoilaModel | None = None,
 ) -> PatchPlan:
     """The largest cube patch (edge from :func:`candidate_edges`) whose measured step time lets
     ``steps`` optimiser steps fit in ``SHARE_OF_BOX`` × ``seconds``; the smallest edge when none
-    does. ``model``: the run's network (copied, never changed); built from ``model_config`` when
-    not given. Sizes are estimated from the smallest one's time (cubic in the edge), then the
+    does, measured on a fresh network of ``model_config`` (the run's is never touched). Sizes are estimated from the smallest one's time (cubic in the edge), then the
     chosen one is measured; a candidate slower than estimated gives way to the next smaller."""
     budget = SHARE_OF_BOX * max(seconds, 0.0) / max(steps, 1)
     edges = candidate_edges(list(model_config.patch_size))
     smallest = edges[-1]
     with torch.random.fork_rng(devices=[]):  # the run's random streams stay where they were
-        probe = copy.deepcopy(model) if model is not None else VoilaModel(model_config, text_dim, class_count)
-        probe = probe.float().cpu()
+        probe = VoilaModel(model_config, text_dim, class_count)
         features = torch.randn((class_count - 1, text_dim), generator=torch.Generator().manual_seed(0))
         measured = {smallest: seconds_per_step(probe, features, batch_size, smallest)}
         for edge in edges[:-1]:
