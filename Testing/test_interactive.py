@@ -165,6 +165,22 @@ def test_an_including_click_on_what_the_text_found_keeps_it(segmenter, volume, l
     assert not (kept & ~liver).any() and kept.sum() >= 0.95 * liver.sum()
 
 
+def test_a_click_under_a_free_text_name_on_a_structure_the_model_knows_takes_that_structure(
+    segmenter, volume, liver_click
+):
+    ct, _, affine = volume
+    encoding = segmenter.encode(ct, affine, overlap=OVERLAP)
+    text = encoding.segment(["liver"])
+    named = encoding.segment([], points={"my organ": [(liver_click, True)]})
+    liver = text.labelmap == text.prompts[0].label
+    mine = named.labelmap == named.prompts[0].label
+    # the model's own liver (its part that holds the click), under the user's name: no fat or muscle
+    assert named.prompts[0].found and not (mine & ~liver).any() and mine.sum() >= 0.95 * liver.sum()
+    # the free text did not take the liver from a run that asks for the liver too
+    both = encoding.segment(["liver", "my organ"])
+    assert np.array_equal(both.labelmap == both.prompts[0].label, liver)
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 def test_a_box_keeps_its_prompt_inside_and_only_its_windows_run(grid, segmenter, volume):
     ct, reference, affine = volume

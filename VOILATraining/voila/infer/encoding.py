@@ -9,8 +9,12 @@ Clicks use VOILA's own space (rule in ``VOILATraining/DESIGN.md``): the tokens a
 click that the text alone left out, averaged and normalised, are a prototype of what the user
 means; the prompt's embedding becomes ``normalize(w · text + prototype)`` with ``w = 1`` for a
 class the model was trained on and ``w = 0.25`` for free text (its CLIP embedding was never aligned
-with the voxel tokens), so a click plus any name segments the clicked thing. A positive click on
-what the text already found changes no embedding: it only picks that region. Each negative click
+with the voxel tokens), so a click plus any name segments the clicked thing. A free-text click on
+a structure the model was trained on, and that the run does not ask for by name, takes that
+structure's voxels under the user's name. A positive click on what the text already found changes
+no embedding: it only picks that region. Free text without points never takes the voxels of a
+trained structure the run asks for: a structure's result does not depend on the text beside it.
+Each negative click
 adds a competing "not this" embedding (its own prototype) that counts as background within
 :data:`NEGATIVE_CLICK_RADIUS_MM` of the click: an edit where the user clicked, never a change of
 the whole structure. The prompt keeps only the connected region(s) holding its positive clicks.
@@ -116,13 +120,12 @@ class VolumeEncoding:
         rows = segmenter.prompt_rows(resolved)
         clicks = self._click_voxels(resolved, spatial_points)
         region = self.encoded.region
-        labels, probability, runner_up = classify_tokens(
-            segmenter.model, self.encoded.tokens, embeddings, device=segmenter.device
-        )
+        answer = classify_tokens(segmenter.model, self.encoded.tokens, embeddings, device=segmenter.device)
         if clicks:
-            labels, probability, runner_up = self._classify_with_clicks(
-                embeddings, resolved, rows, clicks, (labels, probability, runner_up)
-            )
+            answer, embeddings = self._classify_with_clicks(embeddings, resolved, rows, clicks, answer)
+        labels, probability, runner_up = self._trained_structures_first(
+            answer, embeddings, resolved, rows, clicks
+        )
         for p, row in zip(resolved, rows):
             mine = labels == row
             if p.key in spatial_boxes:
@@ -240,41 +243,90 @@ class VolumeEncoding:
         mean = torch.cat(gathered, dim=1).mean(dim=1)
         return torch.nn.functional.normalize(mean, dim=0)
 
+    def _trained_answer(self, embeddings: torch.Tensor):
+        """Winning row, probability and runner-up ``(region shape)`` among the trained classes only."""
+        segmenter = self.segmenter
+        trained = embeddings[: len(segmenter.classes)]
+        return classify_tokens(segmenter.model, self.encoded.tokens, trained, device=segmenter.device)
+
+    def _trained_structures_first(self, answer, embeddings, resolved, rows, clicks):
+        """``answer`` where free-text prompts without points yield every voxel that a requested
+        trained structure wins among the trained classes: a structure's voxels never depend on the
+        free text asked beside it (a free-text row may still take background and the voxels of
+        trained classes nobody asked for)."""
+        free = [row for p, row in zip(resolved, rows) if not p.trained and p.key not in clicks]
+        requested = [row for p, row in zip(resolved, rows) if p.trained]
+        if not free or not requested:
+            return answer
+        trained_answer = self._trained_answer(embeddings)
+        yields = torch.isin(answer[0], torch.tensor(free)) & torch.isin(
+            trained_answer[0], torch.tensor(requested)
+        )
+        return tuple(torch.where(yields, kept, given) for kept, given in zip(trained_answer, answer))
+
     def _classify_with_clicks(self, embeddings, resolved, rows, clicks, text_answer):
-        """Winning row, probability and runner-up ``(region shape)`` once the clicks apply:
-        prompts pulled towards the positive clicks the text left out (``text_answer``: the text's
-        answer), then each negative click's "not this" row (as background) within
-        :data:`NEGATIVE_CLICK_RADIUS_MM` of it."""
-        model, tokens, device = self.segmenter.model, self.encoded.tokens, self.segmenter.device
+        """The answer ``(region shape)`` once the clicks apply, and the embeddings it used.
+
+        A positive click the text left out: on a free-text prompt, where the model's trained
+        classes give a structure that this run does not ask for, the prompt takes that structure
+        (the user named what the model knows); otherwise it pulls the prompt's embedding towards
+        the click's prototype. Then each negative click's "not this" row counts as background
+        within :data:`NEGATIVE_CLICK_RADIUS_MM` of it."""
         embeddings = embeddings.clone()
+        requested = set(rows)
+        trained_answer = None
+        adopted: dict[int, int] = {}  # trained row -> the free-text prompt row that takes its voxels
+        silent: set[int] = set()  # free-text rows that only take adopted structures
         pulled, negatives = False, []
         for p, row in zip(resolved, rows):
             if p.key not in clicks:
                 continue
-            missed = [
-                voxel
-                for voxel, positive in clicks[p.key]
-                if positive and int(text_answer[0][self._local(voxel)]) != row
-            ]
+            missed, took = [], False
+            for voxel, positive in clicks[p.key]:
+                local = self._local(voxel)
+                if not positive or int(text_answer[0][local]) == row:
+                    continue
+                if not p.trained:
+                    if trained_answer is None:
+                        trained_answer = self._trained_answer(embeddings)
+                    known = int(trained_answer[0][local])
+                    if known != 0 and known not in requested and adopted.setdefault(known, row) == row:
+                        took = True
+                        continue
+                missed.append(voxel)
             if missed:
+                pulled = True
                 weight = TEXT_WEIGHT_TRAINED if p.trained else TEXT_WEIGHT_FREE_TEXT
                 prototype = self._prototype(missed).to(embeddings)
                 embeddings[row] = torch.nn.functional.normalize(weight * embeddings[row] + prototype, dim=0)
-                pulled = True
+            elif took:
+                silent.add(row)
             negatives += [voxel for voxel, positive in clicks[p.key] if not positive]
-        answer = classify_tokens(model, tokens, embeddings, device=device) if pulled else text_answer
-        if not negatives:
-            return answer
-        rows_with_not = torch.cat(
-            [embeddings, torch.stack([self._prototype([v]) for v in negatives]).to(embeddings)]
+        answer = self._classify(embeddings, adopted, silent) if pulled or adopted else text_answer
+        if negatives:
+            not_this = torch.stack([self._prototype([v]) for v in negatives]).to(embeddings)
+            edited = self._classify(embeddings, adopted, silent, not_this)
+            near = torch.from_numpy(self._near(negatives, NEGATIVE_CLICK_RADIUS_MM))
+            answer = tuple(torch.where(near, e, kept) for e, kept in zip(edited, answer))
+        return answer, embeddings
+
+    def _classify(self, embeddings, adopted, silent, not_this=None):
+        """Winning row, probability and runner-up ``(region shape)`` over ``embeddings`` without the
+        ``silent`` rows, with each ``adopted`` trained row's voxels given to its prompt's row and
+        the ``not_this`` rows counted as background."""
+        keep = [row for row in range(embeddings.shape[0]) if row not in silent]
+        matrix = embeddings[keep]
+        if not_this is not None:
+            matrix = torch.cat([matrix, not_this])
+            keep += [0] * not_this.shape[0]
+        row_of = torch.tensor(keep)
+        for known, row in adopted.items():
+            row_of[row_of == known] = row
+        segmenter = self.segmenter
+        labels, probability, runner_up = classify_tokens(
+            segmenter.model, self.encoded.tokens, matrix, device=segmenter.device
         )
-        labels, probability, runner_up = classify_tokens(model, tokens, rows_with_not, device=device)
-        labels[labels >= embeddings.shape[0]] = 0  # "not this" counts as background
-        runner_up[runner_up >= embeddings.shape[0]] = 0
-        near = torch.from_numpy(self._near(negatives, NEGATIVE_CLICK_RADIUS_MM))
-        return tuple(
-            torch.where(near, edited, kept) for edited, kept in zip((labels, probability, runner_up), answer)
-        )
+        return row_of[labels], probability, row_of[runner_up]
 
     def _local(self, voxel: tuple[int, int, int]) -> tuple[int, int, int]:
         """A model-grid voxel's index in the encoded region."""
