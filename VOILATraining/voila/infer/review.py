@@ -49,6 +49,10 @@ PLACE_AXES = (0, 1)
 PLACE_AXIS_NAMES = ("left-right", "front-back")
 # At most this many voxels (a random sample) fit a calibration table.
 CALIBRATION_SAMPLE = 2_000_000
+# Share of the raw score mixed into a calibrated value, so that the review map rises wherever
+# ``1 - p`` rises: a table's flat steps would tie voxels the model ranks apart (BENCHMARKS.md §7:
+# the AUROC of a table with steps fell 0.04 below that of 1 - p). It moves a value by at most this.
+TIE_BREAK = 0.01
 
 
 def fit_calibration(
@@ -65,6 +69,12 @@ def fit_calibration(
     y = np.array([wrong[b].mean() for b in bins if len(b)])
     weight = np.array([len(b) for b in bins if len(b)], dtype=np.float64)
     y = _pool_adjacent_violators(y, weight)
+    # one knot per pooled block, at its weighted centre: a curve that rises between the blocks
+    # instead of a staircase (interpolated isotonic regression)
+    starts = np.flatnonzero(np.r_[True, np.diff(y) != 0])
+    sizes = np.add.reduceat(weight, starts)
+    x = np.add.reduceat(x * weight, starts) / sizes
+    y = y[starts]
     keep = np.unique(np.linspace(0, len(x) - 1, min(points, len(x))).round().astype(int))
     return {"x": [float(v) for v in x[keep]], "y": [float(v) for v in y[keep]]}
 
@@ -83,11 +93,15 @@ def _pool_adjacent_violators(values: np.ndarray, weights: np.ndarray) -> np.ndar
 
 
 def apply_calibration(score: np.ndarray, table: Mapping[str, Sequence[float]] | None) -> np.ndarray:
-    """Per-voxel probability of being wrong (float32, [0, 1]); the score itself without a table."""
-    score = np.asarray(score, dtype=np.float32)
+    """Per-voxel probability of being wrong (float32, [0, 1]); the score itself without a table.
+
+    Strictly increasing in ``score`` (the table, with :data:`TIE_BREAK` of the score mixed in):
+    the map orders voxels exactly as the model's own uncertainty does."""
+    score = np.clip(np.asarray(score, dtype=np.float32), 0.0, 1.0)
     if not table:
-        return np.clip(score, 0.0, 1.0)
-    return np.interp(score, table["x"], table["y"]).astype(np.float32)
+        return score
+    share = np.interp(score, table["x"], table["y"])
+    return ((1.0 - TIE_BREAK) * share + TIE_BREAK * score).astype(np.float32)
 
 
 def check_table(table: Any, where: str) -> dict[str, list[float]]:
