@@ -4,7 +4,9 @@ For each (model, CT it was not trained on): every voxel of the body on the model
 wrong against the reference labels (the model's trained classes; other structures count as
 background). Maps scored: the CAS complexity heatmap, ``1 - p`` (p: the winning class's softmax
 probability), the margin ``1 - (p1 - p2)``, the entropy over the competing classes (normalised
-by log N), and the mean of CAS and ``1 - p``. Per map: the area under the ROC curve for finding
+by log N), and the mean of CAS and ``1 - p``; with ``--trained-on`` (the CT each model was trained
+on) also the intensity novelty (how rare the voxel's intensity was for its class on that CT) and
+its mean with ``1 - p``. Per map: the area under the ROC curve for finding
 the wrong voxels, and the precision among the top 5 % of voxels. Calibration of ``1 - p`` as a
 probability of being wrong, raw and through the isotonic table (``voila.infer.review``) fitted on
 the *other* pair (held out from the pair it is scored on): expected calibration error (10 bins) and
@@ -41,7 +43,9 @@ from voila.infer.segmenter import Segmenter
 from voila.infer.sliding_window import encode_grid
 from voila.vocabulary import Vocabulary
 
-MAPS = ("cas", "one_minus_p", "margin", "entropy", "cas_and_one_minus_p", "review_map")
+# Intensity novelty (with --trained-on): bins of the normalised CT over which a class's intensities
+# on the training CT are counted.
+NOVELTY_BINS = np.linspace(-1.5, 3.0, 91)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -130,6 +134,23 @@ def score_pair(model_path: Path, ct_name: str) -> dict:
         "grid_affine": grid.affine,
         "encode_seconds": seconds,
     }
+
+
+def add_novelty(pair: dict, trained: dict) -> None:
+    """Adds the maps ``novelty`` and ``novelty_and_one_minus_p`` to ``pair`` (in place). Novelty:
+    how rare a voxel's intensity is among the voxels the same model gave the same class on the CT it
+    was trained on (``trained``: that CT's :func:`score_pair`), 1 - density / the class's densest
+    bin: a contrast-enhanced kidney labelled background by a model that saw only unenhanced scans
+    scores high, however confident the model is."""
+    counts = np.ones((len(trained["classes"]), len(NOVELTY_BINS) + 1))  # + 1 per bin (Laplace)
+    seen = trained["grid_image"].ravel()[trained["body"]]
+    np.add.at(counts, (trained["winner"][trained["body"]], np.digitize(seen, NOVELTY_BINS)), 1)
+    density = counts / counts.sum(1, keepdims=True)
+    winner = pair["winner"][pair["body"]]
+    bins = np.digitize(pair["grid_image"].ravel()[pair["body"]], NOVELTY_BINS)
+    novelty = 1.0 - density[winner, bins] / density.max(1)[winner]
+    pair["maps"]["novelty"] = novelty
+    pair["maps"]["novelty_and_one_minus_p"] = 0.5 * (novelty + pair["maps"]["one_minus_p"])
 
 
 def structure_rows(pair: dict, table) -> list[dict]:
@@ -222,12 +243,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", nargs=2, action="append", metavar=("MODEL", "CT"), required=True,
                         help=f"a model file and the CT it was NOT trained on ({', '.join(CTS)})")  # fmt: skip
+    parser.add_argument("--trained-on", action="append", choices=list(CTS), default=[],
+                        help="the CT each pair's model was trained on, in the pairs' order: adds the "
+                        "intensity-novelty maps")  # fmt: skip
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = benchlib.machine()
     benchlib.print_machine(info)
     real_cts.require(*(ct for _, ct in args.pair))
     pairs = [score_pair(Path(model), ct) for model, ct in args.pair]
+    if args.trained_on:
+        if len(args.trained_on) != len(pairs):
+            parser.error("give --trained-on once per --pair, or not at all")
+        for pair, ct in zip(pairs, args.trained_on):
+            add_novelty(pair, score_pair(pair["model"], ct))
     # calibration of each pair comes from the others (held out from the pair it is scored on)
     tables = []
     for number in range(len(pairs)):
@@ -264,7 +293,7 @@ def main() -> None:
                 "encode_seconds": pair["encode_seconds"],
             }
         )
-        for m in MAPS:
+        for m in [*pair["maps"], "review_map"]:
             rows.append([name, m, f"{scores[m]:.3f}", f"{top[m]:.3f}"])
         print(
             f"{name}: wrong voxels {pair['wrong'].mean():.3f}; ECE of 1 - p {raw_ece:.3f}, calibrated {cal_ece:.3f}"

@@ -1,7 +1,8 @@
 """Steering a result: re-prompting from a kept encoding, zoom-out-zoom-in, and clicks.
 
-With the shipped demo model, on the bundled CT (``sample``, which it was trained on) and on
-LIDC-IDRI-0001 (``lidc``, ``Testing/benchmarks/data``: a patient it never saw):
+With the shipped demo model (or ``--model``), on the bundled CT (``sample``) and on LIDC-IDRI-0001
+(``lidc``, ``Testing/benchmarks/data``); the shipped model was trained on both, the one-CT model it
+replaced on the bundled CT only:
 
 - **re-prompt**: seconds of a full run (network + answer) against answering new prompts from the
   encoding the first run kept (what Slicer's worker and ``Segmenter.encode`` do);
@@ -11,7 +12,7 @@ LIDC-IDRI-0001 (``lidc``, ``Testing/benchmarks/data``: a patient it never saw):
   deepest voxel, then one *outside* point at the deepest voxel of the largest wrongly included
   region; Dice against the reference after each, and the seconds each click takes to answer.
 
-    python Testing/benchmarks/bench_interactive.py [--cts sample lidc] [--repeats 3]
+    python Testing/benchmarks/bench_interactive.py [--model M] [--cts sample lidc] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -123,11 +124,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cts", nargs="+", default=list(CTS), choices=list(CTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=benchlib.DEMO_MODEL, help="model file (default: the shipped demo)")
     args = parser.parse_args()
     info = benchlib.machine()
     benchlib.print_machine(info)
     real_cts.require(*args.cts)
-    segmenter = Segmenter.load(benchlib.DEMO_MODEL, device="cpu")
+    segmenter = Segmenter.load(args.model, device="cpu")
     vocabulary = Vocabulary.load()
     results = {}
     for name in args.cts:

@@ -1,15 +1,17 @@
-"""Give a demo model the review map's calibration measured on a patient never trained on.
+"""Give a demo model the review map's calibration measured on patients never trained on.
 
-``bench_heatmap.py`` scores a model on a CT it was not trained on and fits the calibration table on
-its errors; this script copies ``--model`` with that table and the structures' places (from the
-CTs it was trained on, ``--trained-on``) in its card. The shipped demo is trained on both real CTs,
-so its table comes from a model of the same recipe trained on the bundled CT alone and validated on
-LIDC (``--calibration-of``: the table that run fitted at export on the whole LIDC case, in its card):
+``bench_heatmap.py`` scores models on CTs they were not trained on and fits the calibration table on
+their errors (``results/heatmap_calibration.json``: all its pairs pooled); this script copies
+``--model`` with that table and the structures' places (from the CTs it was trained on,
+``--trained-on``) in its card. The shipped demo is trained on both real CTs, so its table comes from
+the pairs of BENCHMARKS.md §7, among them the same recipe trained on one CT and scored on the other,
+both ways (``--calibration-of MODEL`` takes instead the table a training run fitted at export on
+its whole validation case):
 
-    voila finetune runs/demo_stage1.safetensors --config Resources/Models/voila_demo_train_both.yaml \
-        --data runs/realct/sample_to_lidc.json --out runs/demo-recipe-sample
+    python Testing/benchmarks/bench_heatmap.py --pair runs/cross/sample_to_lidc/model.safetensors lidc \
+        --pair runs/cross/lidc_to_sample/model.safetensors sample --pair runs/demo_onect.safetensors lidc \
+        --pair runs/demo-recipe-sample/model.safetensors lidc --pair runs/demo-recipe-lidc/model.safetensors sample
     python Testing/benchmarks/calibrate_demo.py --model runs/voila-demo-both/model.safetensors \
-        --calibration-of runs/demo-recipe-sample/model.safetensors \
         --trained-on sample lidc --out runs/voila_demo_calibrated.safetensors
     cp runs/voila_demo_calibrated.safetensors Resources/Models/voila_demo.safetensors
 """
@@ -32,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--calibration", type=Path, default=RESULTS / "heatmap_calibration_voila_demo_on_lidc.json"
+        "--calibration", type=Path, default=RESULTS / "heatmap_calibration.json", help="bench_heatmap's table"
     )
     parser.add_argument("--calibration-of", type=Path, help="use the review calibration in this model's card")
     parser.add_argument("--model", type=Path, default=resources_dir() / DEMO_MODEL)
