@@ -153,6 +153,24 @@ def test_an_excluding_click_carves_its_surroundings_out(segmenter, volume, liver
         encoding.segment([], points={"my organ": [((9e3, 0.0, 0.0), True)]})
 
 
+def test_an_excluding_click_never_acts_nearer_to_an_including_click_than_to_itself(
+    segmenter, volume, liver_click
+):
+    ct, _, affine = volume
+    encoding = segmenter.encode(ct, affine, overlap=OVERLAP)
+    inside = voxel_of(affine, ct.shape, liver_click)
+    beside = (inside[0] + 3, inside[1], inside[2])  # 9 mm away, well within the exclusion radius
+    kept = encoding.segment(["liver"], points={"liver": [(liver_click, True)]})
+    edited = encoding.segment(
+        ["liver"], points={"liver": [(liver_click, True), (world(affine, beside), False)]}
+    )
+    assert edited.labelmap[beside] == 0 and kept.labelmap[inside] == edited.labelmap[inside] != 0
+    # every voxel nearer to the including click than to the excluding one keeps its label
+    grid = np.indices(ct.shape).reshape(3, -1).T
+    nearer = (np.linalg.norm(grid - inside, axis=1) < np.linalg.norm(grid - beside, axis=1)).reshape(ct.shape)
+    assert np.array_equal(kept.labelmap[nearer], edited.labelmap[nearer])
+
+
 def test_an_including_click_on_what_the_text_found_keeps_it(segmenter, volume, liver_click):
     ct, _, affine = volume
     encoding = segmenter.encode(ct, affine, overlap=OVERLAP)

@@ -16,8 +16,8 @@ no embedding: it only picks that region. Free text without points never takes th
 trained structure the run asks for: a structure's result does not depend on the text beside it.
 Each negative click
 adds a competing "not this" embedding (its own prototype) that counts as background within
-:data:`NEGATIVE_CLICK_RADIUS_MM` of the click: an edit where the user clicked, never a change of
-the whole structure. The prompt keeps only the connected region(s) holding its positive clicks.
+:data:`NEGATIVE_CLICK_RADIUS_MM` of the click and nearer to it than to any positive click: an edit
+where the user clicked, never a change of the whole structure nor of what a positive click holds. The prompt keeps only the connected region(s) holding its positive clicks.
 A box keeps the prompt's result inside it.
 
 >>> encoding = segmenter.encode(ct, affine)                       # seconds to minutes
@@ -271,7 +271,7 @@ class VolumeEncoding:
         classes give a structure that this run does not ask for, the prompt takes that structure
         (the user named what the model knows); otherwise it pulls the prompt's embedding towards
         the click's prototype. Then each negative click's "not this" row counts as background
-        within :data:`NEGATIVE_CLICK_RADIUS_MM` of it."""
+        within :data:`NEGATIVE_CLICK_RADIUS_MM` of it and nearer to it than to any positive click."""
         embeddings = embeddings.clone()
         requested = set(rows)
         trained_answer = None
@@ -306,7 +306,8 @@ class VolumeEncoding:
         if negatives:
             not_this = torch.stack([self._prototype([v]) for v in negatives]).to(embeddings)
             edited = self._classify(embeddings, adopted, silent, not_this)
-            near = torch.from_numpy(self._near(negatives, NEGATIVE_CLICK_RADIUS_MM))
+            positives = [voxel for placed in clicks.values() for voxel, positive in placed if positive]
+            near = torch.from_numpy(self._near(negatives, NEGATIVE_CLICK_RADIUS_MM, unless_nearer=positives))
             answer = tuple(torch.where(near, e, kept) for e, kept in zip(edited, answer))
         return answer, embeddings
 
@@ -332,16 +333,23 @@ class VolumeEncoding:
         """A model-grid voxel's index in the encoded region."""
         return tuple(v - s.start for v, s in zip(voxel, self.encoded.region))
 
-    def _near(self, voxels: Sequence[tuple[int, int, int]], radius_mm: float) -> np.ndarray:
-        """``(region shape)`` bool: the encoded region's voxels within ``radius_mm`` of any of ``voxels``."""
+    def _near(self, voxels: Sequence[tuple[int, int, int]], radius_mm: float, unless_nearer=()) -> np.ndarray:
+        """``(region shape)`` bool: the encoded region's voxels within ``radius_mm`` of any of
+        ``voxels`` and nearer to them than to any of the ``unless_nearer`` voxels."""
+        return self._squared_mm(voxels) < np.minimum(radius_mm**2 + 1e-6, self._squared_mm(unless_nearer))
+
+    def _squared_mm(self, voxels: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """``(region shape)``: squared distance (mm²) of each voxel of the encoded region to the
+        nearest of ``voxels`` (infinite without any)."""
         region = self.encoded.region
         spacing = np.linalg.norm(self.grid_affine[:3, :3], axis=0)
         axes = np.meshgrid(*(np.arange(s.start, s.stop) for s in region), indexing="ij", sparse=True)
-        near = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+        nearest = np.full(tuple(s.stop - s.start for s in region), np.inf)
         for voxel in voxels:
-            distance = sum(((axis - v) * d) ** 2 for axis, v, d in zip(axes, voxel, spacing))
-            near |= distance <= radius_mm**2
-        return near
+            nearest = np.minimum(
+                nearest, sum(((axis - v) * d) ** 2 for axis, v, d in zip(axes, voxel, spacing))
+            )
+        return nearest
 
 
 def _by_prompt(
