@@ -42,6 +42,12 @@ def score(segmenter: Segmenter, ct_name: str, vocabulary: Vocabulary, prompts: l
     return {"dice": per_structure, "mean": float(np.mean(list(per_structure.values()))), "seconds": seconds}
 
 
+def demo_prompts(model: Path, vocabulary: Vocabulary) -> list[str]:
+    """The abdominal prompts of :data:`real_cts.ABDOMINAL_PROMPTS` that ``model`` was trained on."""
+    classes = set(read_model_card(model)["classes"])
+    return [p for p in ABDOMINAL_PROMPTS if vocabulary.match(p).name in classes]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=benchlib.DEMO_MODEL)
@@ -54,8 +60,7 @@ def main() -> None:
     vocabulary = Vocabulary.load()
     rows, results = [], []
     segmenter = Segmenter.load(args.model, device="cpu")
-    classes = set(read_model_card(args.model)["classes"])
-    prompts = [p for p in ABDOMINAL_PROMPTS if vocabulary.match(p).name in classes]
+    prompts = demo_prompts(args.model, vocabulary)
     for ct_name in args.cts:
         scored = score(segmenter, ct_name, vocabulary, prompts)
         seen = ct_name in args.seen

@@ -30,12 +30,11 @@ from pathlib import Path
 import benchlib
 import numpy as np
 import real_cts
+from bench_demo_model import demo_prompts
 from bench_demo_model import score as score_real_ct
-from real_cts import ABDOMINAL_PROMPTS
 from voila.data.io import read_image
 from voila.evaluate.metrics import dice
 from voila.infer.segmenter import Segmenter
-from voila.model.model_file import read_model_card
 from voila.training.finetune import finetune
 from voila.vocabulary import Vocabulary
 
@@ -98,8 +97,7 @@ def score_openkbp(model: Path, cases: list[Path]) -> dict[str, list[float]]:
 def base_structures(model: Path, vocabulary: Vocabulary) -> dict[str, float]:
     """Mean Dice of the base's abdominal structures on each real CT."""
     segmenter = Segmenter.load(model, device="cpu")
-    classes = set(read_model_card(model)["classes"])
-    prompts = [p for p in ABDOMINAL_PROMPTS if vocabulary.match(p).name in classes]
+    prompts = demo_prompts(model, vocabulary)
     return {ct: score_real_ct(segmenter, ct, vocabulary, prompts)["mean"] for ct in real_cts.CTS}
 
 

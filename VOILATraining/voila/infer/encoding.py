@@ -14,11 +14,11 @@ a structure the model was trained on, and that the run does not ask for by name,
 structure's voxels under the user's name. A positive click on what the text already found changes
 no embedding: it only picks that region. Free text without points never takes the voxels of a
 trained structure the run asks for: a structure's result does not depend on the text beside it.
-Each negative click
-adds a competing "not this" embedding (its own prototype) that counts as background within
-:data:`NEGATIVE_CLICK_RADIUS_MM` of the click and nearer to it than to any positive click: an edit
-where the user clicked, never a change of the whole structure nor of what a positive click holds. The prompt keeps only the connected region(s) holding its positive clicks.
-A box keeps the prompt's result inside it.
+Each negative click adds a competing "not this" embedding (its own prototype) that counts as
+background within :data:`NEGATIVE_CLICK_RADIUS_MM` of the click and nearer to it than to any
+positive click: an edit where the user clicked, never a change of the whole structure nor of what
+a positive click holds. The prompt keeps only the connected region(s) holding its positive
+clicks. A box keeps the prompt's result inside it.
 
 >>> encoding = segmenter.encode(ct, affine)                       # seconds to minutes
 >>> encoding.segment(["liver"]).prompts[0].volume_ml             # about a second
