@@ -131,7 +131,7 @@ def test_the_command_line_fine_tunes_with_one_line_errors(
     tiny_model_path, new_structure_data, tmp_path, capsys
 ):
     code = main(["finetune", str(tiny_model_path), "--data", str(new_structure_data), "--out", str(tmp_path / "r"),
-                 "--structures", "TumorCore", "--trainable", "neck", "--text-adapters", "--patch-size", "16",
+                 "--structures", "TumorCore", "--trainable", "neck", "--text-adapters", "--fusion", "--patch-size", "16",
                  "--device", "cpu", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "1", "--no-augment",
                  "--val-windows", "1"])  # fmt: skip
     err = capsys.readouterr().err
@@ -139,6 +139,21 @@ def test_the_command_line_fine_tunes_with_one_line_errors(
     card = read_model_card(tmp_path / "r" / "model.safetensors")
     assert card["training"]["added_classes"] == ["Tumor Core"] and card["model"]["text_adapters"]
     assert card["training"]["settings"]["optim"]["trainable"] == "neck"
+    # the fused model segments through the engine, its classes fitted to each volume's tokens
+    assert card["model"]["fusion"]
+    segmenter = Segmenter.load(tmp_path / "r" / "model.safetensors", device="cpu")
+    assert (
+        float(segmenter.model.fusion.gate.detach()) != 0.0
+    )  # the gate the base lacked was opened by training
+    case = next(p for p in sorted(new_structure_data.iterdir()) if p.is_dir())
+    ct = nib.load(str(case / "ct.nii.gz"))
+    result = segmenter.segment(np.asarray(ct.dataobj, np.float32), ct.affine, ["tumor core", "liver"])
+    assert result.labelmap.shape == ct.shape and len(result.prompts) == 2
+    resolved, _ = segmenter.resolve_prompts(["tumor core"])
+    one, other = (torch.nn.functional.normalize(torch.randn(32, 4, 4, 4), dim=0) for _ in range(2))
+    assert not torch.equal(
+        segmenter.class_embeddings(resolved, one), segmenter.class_embeddings(resolved, other)
+    )
     code = main(["finetune", str(tiny_model_path), "--data", str(new_structure_data), "--out", str(tmp_path / "s"),
                  "--structures", "nothing like it"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from voila.cli import main
 from voila.data.geometry import voxel_of
 from voila.data.io import read_image, write_volume
@@ -258,11 +259,12 @@ def test_free_text_embeddings_are_kept_on_disk_so_a_new_process_needs_no_text_en
 
     first = Segmenter.load(device="cpu")
     resolved, _ = first.resolve_prompts(["a structure typed once"])
-    before = first.class_embeddings(resolved)
+    tokens = torch.nn.functional.normalize(torch.randn(first.model.config.token_dim, 4, 4, 4), dim=0)
+    before = first.class_embeddings(resolved, tokens)
 
     def no_encoder(*args, **kwargs):
         raise AssertionError("the text encoder was built although the embedding is on disk")
 
     monkeypatch.setattr(segmenter_module, "TextEncoder", no_encoder)
     fresh = Segmenter.load(device="cpu")
-    assert np.array_equal(fresh.class_embeddings(resolved).numpy(), before.numpy())
+    assert np.array_equal(fresh.class_embeddings(resolved, tokens).numpy(), before.numpy())

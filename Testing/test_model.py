@@ -201,3 +201,63 @@ def test_tiny_model_loss_falls_on_a_synthetic_ct_within_a_few_steps():
         history.append(float(losses.cross_entropy + losses.f1))
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert last < 0.6 * first, history
+
+
+# -- the cross-attention fusion ---------------------------------------------------------------------
+def test_context_tokens_are_block_means_with_partial_blocks_at_the_edges():
+    from voila.model.interaction import context_tokens
+
+    tokens = torch.randn(2, 4, 10, 9, 5)
+    context = context_tokens(tokens.half(), stride=4)  # blocks 3 × 3 × 2
+    assert context.shape == (2, 18, 4) and context.dtype == torch.float32
+    grid = context.transpose(1, 2).reshape(2, 4, 3, 3, 2)
+    edge = tokens.half().float()[:, :, 8:, 8:, 4:].mean(dim=(2, 3, 4))  # a 2 × 1 × 1 corner block
+    assert torch.allclose(grid[:, :, 2, 2, 1], edge, atol=1e-6)
+    first = tokens.half().float()[:, :, :4, :4, :4].mean(dim=(2, 3, 4))
+    assert torch.allclose(grid[:, :, 0, 0, 0], first, atol=1e-6)
+    small = torch.randn(1, 4, 3, 2, 5)  # a volume smaller than one block is one context token
+    assert torch.allclose(context_tokens(small, stride=8)[0, 0], small[0].mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_the_fusion_starts_closed_then_gives_each_image_its_own_class_embeddings():
+    config = load_preset("tiny")
+    config.fusion = True
+    torch.manual_seed(0)
+    model = VoilaModel(config, text_dim=512, num_classes=4)
+    embeddings = model.class_embeddings(unit(3))
+    images = F.normalize(torch.randn(2, config.token_dim, 16, 16, 16), dim=1)
+    assert torch.allclose(model.fuse(embeddings, images), embeddings.expand(2, -1, -1), atol=1e-6)
+    with torch.no_grad():
+        model.fusion.gate.fill_(1.0)
+    fused = model.fuse(embeddings, images)
+    assert fused.shape == (2, 4, config.token_dim)
+    assert torch.allclose(fused.norm(dim=-1), torch.ones(2, 4), atol=1e-5)
+    assert not torch.allclose(fused[0], fused[1], atol=1e-3)  # two images, two sets of embeddings
+    # one encoded volume (float16, no batch) gets the embeddings of the same image in a batch
+    single = model.fuse(embeddings, images[1].half())
+    assert single.shape == (4, config.token_dim)
+    assert torch.allclose(single, model.fuse(embeddings, images[1:].half().float())[0], atol=1e-5)
+    # the per-image embeddings classify that image's voxels in the training loss
+    logits = model.logits(images.flatten(2).transpose(1, 2), fused)
+    assert logits.shape == (2, 16**3, 4)
+    assert torch.allclose(logits[1], model.logits(images[1].flatten(1).t(), fused[1]), atol=1e-5)
+
+
+def test_the_fusion_learns_from_the_training_loss():
+    config = load_preset("tiny")
+    config.fusion = True
+    torch.manual_seed(0)
+    model = VoilaModel(config, text_dim=512, num_classes=3)
+    labels = torch.randint(0, 3, (1, 16, 16, 16))
+    losses = model.losses(torch.randn(1, 1, 16, 16, 16), labels, unit(2), torch.ones(1, 3, dtype=torch.bool))
+    losses.total.backward()
+    assert float(model.fusion.gate.grad.abs()) > 0  # the closed gate opens by gradient
+
+
+def test_the_fusion_needs_the_language_head():
+    from voila.errors import ConfigError
+    from voila.model.config import ModelConfig
+
+    values = load_preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="language head"):
+        ModelConfig.from_dict(dict(values, fusion=True, head="linear"))

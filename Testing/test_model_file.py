@@ -89,3 +89,32 @@ def test_a_model_built_from_a_model_file_starts_from_its_weights_and_keeps_its_c
         assert torch.equal(built.model.state_dict()[name], value), name
     # the base's class sentences come from its cache; only the new one was encoded
     assert torch.equal(built.class_features()[:5], base.text_cache.as_tensor())
+
+
+def test_a_base_without_the_fusion_gains_it_closed_and_answers_as_before(tiny_model_path):
+    from voila.data.preprocess import PreprocessingConfig
+    from voila.model.config import ModelConfig
+    from voila.model.factory import create_model
+    from voila.vocabulary import Vocabulary
+
+    base = load_model(tiny_model_path)
+    config = ModelConfig.from_dict(dict(base.card["model"], fusion=True))
+    built = create_model(
+        config,
+        base.card["classes"][1:],
+        Vocabulary.from_dict(base.card["vocabulary"]),
+        PreprocessingConfig.from_dict(base.card["preprocessing"]),
+        text_pretrained=None,
+        base=base,
+    )
+    assert built.model.fusion is not None and float(built.model.fusion.gate) == 0.0
+    ct = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        tokens = built.model.voxel_tokens(ct)
+        features = built.class_features()
+        fused = built.model.fuse(built.model.class_embeddings(features), tokens)[0]
+        before = base.model.logits(
+            base.model.voxel_tokens(ct).flatten(2)[0].t(), base.model.class_embeddings(features)
+        )
+    after = built.model.logits(tokens.flatten(2)[0].t(), fused)
+    assert torch.allclose(after, before, atol=1e-4)

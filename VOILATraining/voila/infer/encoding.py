@@ -116,7 +116,7 @@ class VolumeEncoding:
         resolved, notes = segmenter.resolve_prompts(names)
         spatial_points = _by_prompt(points or {}, resolved, segmenter.vocabulary, "point")
         spatial_boxes = _by_prompt(boxes or {}, resolved, segmenter.vocabulary, "box")
-        embeddings = segmenter.class_embeddings(resolved)
+        embeddings = segmenter.class_embeddings(resolved, self.encoded.tokens)
         rows = segmenter.prompt_rows(resolved)
         clicks = self._click_voxels(resolved, spatial_points)
         region = self.encoded.region

@@ -111,14 +111,17 @@ class Segmenter:
                 extra += 1
         return rows
 
-    def class_embeddings(self, resolved: Sequence[ResolvedPrompt]) -> torch.Tensor:
-        """Every trained class plus the prompts the model was not trained on: ``(N, M)``."""
+    def class_embeddings(self, resolved: Sequence[ResolvedPrompt], tokens: torch.Tensor) -> torch.Tensor:
+        """Every trained class plus the prompts the model was not trained on: ``(N, M)``, for the
+        volume whose voxel tokens are ``tokens`` ``(M, D, H, W)`` (a model with the cross-attention
+        fusion fits its class embeddings to them)."""
         names = self.classes[1:] + [p.text_class for p in resolved if not p.trained]
         features = self.text_cache.features(
             [class_sentence(n, self.vocabulary, self.template) for n in names]
         )
         with torch.no_grad():
             embeddings = self.model.class_embeddings(features.to(self.device)).float()
+            embeddings = self.model.fuse(embeddings, tokens).float()
         if not bool(torch.isfinite(embeddings).all()):
             raise broken_model_error("class embeddings")
         return embeddings
@@ -255,7 +258,7 @@ class Segmenter:
         resolved, _ = self.resolve_prompts(prompts)
         coarse = self._encode_grid(grid.image, False, None, cancel, ZOOM_OUT_OVERLAP, None)
         labels, _, _ = classify_tokens(
-            self.model, coarse.tokens, self.class_embeddings(resolved), self.device
+            self.model, coarse.tokens, self.class_embeddings(resolved, coarse.tokens), self.device
         )
         boxes = []
         for row in self.prompt_rows(resolved):

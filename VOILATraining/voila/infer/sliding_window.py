@@ -252,10 +252,12 @@ def predict_grid(
 ) -> GridPrediction:
     """Segment a preprocessed CT ``image`` ``(1, D, H, W)`` on the model grid:
     :func:`encode_grid` then :func:`classify_tokens` against ``class_embeddings`` ``(N, M)``
-    (row 0 background). ``encoding``: :func:`encode_grid`'s other settings (``amp_dtype``,
-    ``progress``, ``cancel``, ``heatmap``, ``sw_batch_size``)."""
+    (row 0 background; fused with the image's tokens when the model has the cross-attention
+    fusion). ``encoding``: :func:`encode_grid`'s other settings (``amp_dtype``, ``progress``,
+    ``cancel``, ``heatmap``, ``sw_batch_size``)."""
     encoded = encode_grid(model, image, patch_size, overlap, device, **encoding)
+    embeddings = model.fuse(class_embeddings.to(device), encoded.tokens)
     labels, probability, runner_up = classify_tokens(
-        model, encoded.tokens, class_embeddings, device, encoding.get("cancel")
+        model, encoded.tokens, embeddings, device, encoding.get("cancel")
     )
     return GridPrediction(labels, probability, runner_up, encoded.heatmap)

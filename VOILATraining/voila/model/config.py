@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from voila.errors import ConfigError
+from voila.model.interaction import FUSION_HEADS
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -65,6 +66,9 @@ class ModelConfig:
     # a learned vector per class added to its projected text embedding (the pulmonary artery/vein
     # paper's "self-adaptive" text adapters on a frozen CLIP)
     text_adapters: bool = False
+    # class embeddings attend to the image's voxel tokens before classifying (the same paper's
+    # cross-attention fusion of text and image features; ``voila.model.interaction``)
+    fusion: bool = False
     cas: CASConfig = field(default_factory=CASConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])
@@ -100,6 +104,10 @@ class ModelConfig:
             )
         if self.head not in ("language", "linear"):
             raise ConfigError(f"head must be 'language' or 'linear', not {self.head!r}")
+        if self.fusion and self.head != "language":
+            raise ConfigError("the cross-attention fusion needs the language head (head: language)")
+        if self.fusion and self.token_dim % FUSION_HEADS:
+            raise ConfigError(f"the cross-attention fusion needs token_dim divisible by {FUSION_HEADS}")
         if self.cas.target not in ("error", "rank"):
             raise ConfigError(f"cas.target must be 'error' or 'rank', not {self.cas.target!r}")
         if self.cas.prior_weight < 0:

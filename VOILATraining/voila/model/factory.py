@@ -100,7 +100,8 @@ def create_model(
 
 def _architecture(config: ModelConfig) -> dict[str, Any]:
     """What a fine-tuned model must share with its base: the network's shapes and text encoder
-    (not how it samples or trains, its patch, or parts that start from zero: text adapters)."""
+    (not how it samples or trains, its patch, or parts that start from zero: text adapters, the
+    fusion, whose gate is 0)."""
     values = config.to_dict()
     return {
         "voxel_encoder": values["voxel_encoder"],
@@ -114,7 +115,8 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
 
 def _start_from(model: VoilaModel, base: LoadedModel, classes: list[str]) -> None:
     """Copy ``base``'s weights into ``model``; per-class rows (a linear head's, text adapters) are
-    matched by class name, and parts the base lacks keep their initialisation (adapters: zero)."""
+    matched by class name, and parts the base lacks keep their initialisation (adapters and the
+    fusion's gate: zero, so the new model starts answering as the base does)."""
     if _architecture(model.config) != _architecture(base.model.config):
         raise ConfigError(
             "the base model's architecture differs from the one asked for; start from the base "
@@ -125,7 +127,7 @@ def _start_from(model: VoilaModel, base: LoadedModel, classes: list[str]) -> Non
     base_classes = list(base.card["classes"])
     for key, value in target.items():
         if key not in state:
-            if "text_adapters" not in key:
+            if "text_adapters" not in key and not key.startswith("fusion."):
                 raise ConfigError(f"the base model has no weight {key!r}; it cannot be the starting point")
             state[key] = value.clone()
         elif state[key].shape != value.shape:  # per-class rows: matched by name

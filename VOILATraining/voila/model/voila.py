@@ -18,7 +18,12 @@ from torch.nn import functional as F
 
 from voila.model.cas import ComplexityVAE, complexity_target, select_voxels
 from voila.model.config import ModelConfig
-from voila.model.interaction import LinearClassificationHead, VoxelLanguageHead
+from voila.model.interaction import (
+    CrossAttentionFusion,
+    LinearClassificationHead,
+    VoxelLanguageHead,
+    context_tokens,
+)
 from voila.model.losses import kl_divergence, marginal_cross_entropy, voxel_f1_loss
 from voila.model.voxel_encoder import VoxelEncoder
 
@@ -64,6 +69,7 @@ class VoilaModel(nn.Module):
             if config.text_adapters and not num_classes:
                 raise ValueError("text adapters need num_classes")
             self.head = VoxelLanguageHead(text_dim, config.token_dim, adapters)
+        self.fusion = CrossAttentionFusion(config.token_dim) if config.fusion else None
         self.cas = ComplexityVAE(config.cas)
 
     def trainable_parameters(self) -> int:
@@ -77,8 +83,21 @@ class VoilaModel(nn.Module):
         """Foreground CLIP features ``(N - 1, F)`` → class embeddings ``(N, M)`` (background first)."""
         return self.head.class_embeddings(class_features)
 
+    def fuse(self, class_embeddings: torch.Tensor, voxel_tokens: torch.Tensor) -> torch.Tensor:
+        """The class embeddings ``(N, M)`` for the image(s) whose voxel tokens are ``(B, M, D, H,
+        W)``: with the cross-attention fusion, each image's own ``(B, N, M)``; without it,
+        ``class_embeddings`` unchanged. Tokens ``(M, D, H, W)`` (one encoded volume, any float
+        type, any device) give ``(N, M)``."""
+        if self.fusion is None:
+            return class_embeddings
+        single = voxel_tokens.dim() == 4
+        context = context_tokens(voxel_tokens[None] if single else voxel_tokens)
+        fused = self.fusion(class_embeddings, context.to(class_embeddings.device))
+        return fused[0] if single else fused
+
     def logits(self, voxel_tokens: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        """Unit tokens ``(..., M)`` → logits ``(..., N)``."""
+        """Unit tokens ``(..., M)`` → logits ``(..., N)`` (embeddings ``(N, M)``, or ``(B, N, M)``
+        against tokens ``(B, K, M)``)."""
         return self.head.logits(voxel_tokens, class_embeddings)
 
     def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +122,9 @@ class VoilaModel(nn.Module):
         cfg = self.config
         mode = sampling or cfg.sampling.mode
         batch, shape = ct.shape[0], tuple(ct.shape[2:])
-        tokens = self.voxel_tokens(ct).flatten(2)  # (B, M, V)
-        embeddings = self.class_embeddings(class_features)
+        volume_tokens = self.voxel_tokens(ct)
+        embeddings = self.fuse(self.class_embeddings(class_features), volume_tokens)  # (N | B×N, M)
+        tokens = volume_tokens.flatten(2)  # (B, M, V)
 
         with torch.no_grad():
             heatmap = self.cas.sample(ct, deterministic=False) if mode == "cas" else None

@@ -161,6 +161,13 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "a learned vector per class added to its text embedding (self-adaptive text adapters on the frozen CLIP)",
     ),
+    Setting(
+        "fusion",
+        "model",
+        "bool",
+        False,
+        "cross-attention fusion: class embeddings attend to the image's voxel tokens before classifying",
+    ),
     Setting("base", "model", "str", None, "the model file fine-tuning starts from", nullable=True, flag=None),
     # -- data -----------------------------------------------------------------------------------
     Setting(

@@ -74,6 +74,7 @@ class FinetuneTrainer(Trainer):
     def build_model_config(self) -> ModelConfig:
         values = self.with_run_settings(self.base.model.config.to_dict())
         values["text_adapters"] = bool(self.config.text_adapters or values.get("text_adapters"))
+        values["fusion"] = bool(self.config.fusion or values.get("fusion"))
         return ModelConfig.from_dict(values)
 
     def build_preprocessing(self) -> PreprocessingConfig:

@@ -151,6 +151,7 @@ class Trainer:
             values["text_encoder"]["pretrained"]
         )
         values["text_adapters"] = bool(config.text_adapters)
+        values["fusion"] = bool(config.fusion)
         return ModelConfig.from_dict(values)
 
     def with_run_settings(self, values: dict[str, Any]) -> dict[str, Any]:
