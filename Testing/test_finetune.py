@@ -187,34 +187,6 @@ def test_parameter_efficient_training_freezes_the_backbone_but_its_last_stage(
     assert groups[0]["lr"] == pytest.approx(config.lr * 0.1)  # the fine-tuning default encoder_lr
 
 
-def test_a_base_structure_its_own_review_flags_on_a_case_is_not_pseudo_labelled_there(
-    tiny_model_path, new_structure_data, tmp_path
-):
-    """The base's confident mistakes on unfamiliar images (abdominal organs "found" in a neck CT,
-    BENCHMARKS.md §11) must not be taught back to it: a structure found far from where it lay in
-    the base's training data is flagged by the review, and the flag keeps it out."""
-    from monai.data import MetaTensor
-    from voila.infer.sliding_window import GridPrediction
-    from voila.training.finetune import FinetuneTrainer, finetune_config
-
-    config = finetune_config(
-        tiny_model_path, dict(FAST, data=[str(new_structure_data)], out=str(tmp_path / "r")), {}
-    )
-    trainer = FinetuneTrainer(config)
-    classes = trainer.base.card["classes"]  # background, liver, spleen, ...
-    liver, spleen = classes.index("liver"), classes.index("spleen")
-    # both seen on the patient's left in training (body-normalised left-right, front-back)
-    places = {name: {"mean": [0.8, 0.5], "spread": [0.05, 0.05]} for name in ("liver", "spleen")}
-    trainer.base.card["review"] = {"calibration": None, "fitted_on": "test", "places": places}
-    labels = torch.zeros(20, 20, 20, dtype=torch.int64)
-    labels[14:18, 8:12, 8:12] = liver  # on the left: where it lay
-    labels[2:6, 8:12, 8:12] = spleen  # on the right: implausible
-    prediction = GridPrediction(labels, torch.full(labels.shape, 0.99), torch.zeros_like(labels), None)
-    image = MetaTensor(torch.ones(1, 20, 20, 20), affine=torch.diag(torch.tensor([6.0, 6.0, 6.0, 1.0])))
-    flagged = trainer._implausible(prediction, image, [liver, spleen])
-    assert list(flagged) == [spleen] and "left-right" in flagged[spleen]
-
-
 # -- partial labels at voxel level ------------------------------------------------------------------
 def test_voxels_outside_the_annotated_region_carry_no_label_and_no_loss(tmp_path):
     data = write_phantom_dataset(tmp_path / "data", 1, shape=(24, 24, 24), spacing=(6, 6, 6), val_fraction=0)

@@ -8,9 +8,7 @@ file is only read.
 
 Keeping what the base knows (``keep_base``): where a new case does not label a base structure,
 the base model's own confident prediction is its label (pseudo-labels; an unsure one is left out
-of the loss), so the base's classes keep being taught on the new images — unless the base's own
-review flags that structure on that case ("check this structure": low predicted Dice or an
-implausible place), which then stays not annotated there. The backbone learns
+of the loss), so the base's classes keep being taught on the new images. The backbone learns
 more slowly (``encoder_lr``, 0.1 by default here) or not at all but its last stage
 (``trainable: neck``). The card records the base (file name and SHA-256), the added classes and
 the data.
@@ -127,59 +125,24 @@ class FinetuneTrainer(Trainer):
             prediction = predict_grid(
                 model, embeddings, image.as_tensor(), patch, PSEUDO_LABEL_OVERLAP, self.device, heatmap=False
             )
-            untrusted = self._implausible(prediction, image, missing)
             labels = label.as_tensor()[0].clone()
             predicted = prediction.labels
             for c in missing:
-                if c in untrusted:  # stays "not annotated" here: neither taught nor taught absent
-                    continue
                 mine = (predicted == c) & (labels == 0)
                 labels[mine & (prediction.probability >= PSEUDO_LABEL_CONFIDENCE)] = c
                 labels[mine & (prediction.probability < PSEUDO_LABEL_CONFIDENCE)] = data.ignore_index
                 case.annotated[c] = True
             case.replace_label(labels[None])
             LOG.info(
-                "pseudo-labels for %s/%s: %s%s",
+                "pseudo-labels for %s/%s: %s",
                 case.dataset,
                 case.case_id,
                 ", ".join(
                     f"{base_classes[c]} {int((labels == c).sum())}" for c in missing if (labels == c).any()
                 )
                 or "none of the base's structures found",
-                "".join(f"; not trusted: {base_classes[c]} ({why})" for c, why in untrusted.items()),
             )
         self.base.model.cpu()
-
-    def _implausible(self, prediction, image, classes: list[int]) -> dict[int, str]:
-        """``{class: why}`` for the base structures among ``classes`` whose prediction on this case
-        the base's own review flags "check this structure" (the flag a user sees: a predicted Dice
-        below ``CHECK_BELOW`` from the base's calibrated review map, or an implausible place). The
-        base's confident mistakes on images unlike its training data — abdominal organs "found" in
-        a neck CT — are not taught back to it."""
-        from voila.infer.review import body_mask, body_normalised_centre, review_map, structure_quality
-
-        review = self.base.card.get("review") or {}
-        places = review.get("places") or {}
-        names = list(self.base.card["classes"])
-        wrong = review_map(prediction.probability.numpy(), review.get("calibration"))
-        predicted, runner_up = prediction.labels.numpy(), prediction.runner_up.numpy()
-        body = body_mask(image[0].numpy(), self.build_preprocessing())
-        affine = np.asarray(image.affine, dtype=np.float64)
-        flagged = {}
-        for c in classes:
-            mine = predicted == c
-            if not mine.any():
-                continue
-            quality = structure_quality(
-                mine,
-                wrong,
-                (runner_up == c) & ~mine,
-                body_normalised_centre(mine, body, affine),
-                places.get(names[c]),
-            )
-            if quality.check:
-                flagged[c] = quality.reason
-        return flagged
 
     @torch.no_grad()
     def _forgetting(self, after: dict[str, float]) -> dict[str, Any] | None:
