@@ -90,7 +90,7 @@ def score_pair(model_path: Path, ct_name: str) -> dict:
     started = time.perf_counter()
     encoded = encode_grid(segmenter.model, grid.image, segmenter.patch_size, overlap=0.5, heatmap=True)
     resolved, _ = segmenter.resolve_prompts(segmenter.classes[1:])
-    embeddings = segmenter.class_embeddings(resolved)
+    embeddings = segmenter.class_embeddings(resolved, encoded.tokens)
     tokens = encoded.tokens.reshape(encoded.tokens.shape[0], -1).t().float()
     probabilities = torch.cat(
         [segmenter.model.logits(chunk, embeddings).softmax(-1) for chunk in tokens.split(1 << 17)]
@@ -137,7 +137,8 @@ def score_pair(model_path: Path, ct_name: str) -> dict:
 
 
 def add_novelty(pair: dict, trained: dict) -> None:
-    """Adds the maps ``novelty`` and ``novelty_and_one_minus_p`` to ``pair`` (in place). Novelty:
+    """Adds the maps ``novelty``, ``novelty_and_one_minus_p`` (their mean) and
+    ``novelty_or_one_minus_p`` (``1 - p·(1 - novelty)``) to ``pair`` (in place). Novelty:
     how rare a voxel's intensity is among the voxels the same model gave the same class on the CT it
     was trained on (``trained``: that CT's :func:`score_pair`), 1 - density / the class's densest
     bin: a contrast-enhanced kidney labelled background by a model that saw only unenhanced scans
@@ -151,6 +152,9 @@ def add_novelty(pair: dict, trained: dict) -> None:
     novelty = 1.0 - density[winner, bins] / density.max(1)[winner]
     pair["maps"]["novelty"] = novelty
     pair["maps"]["novelty_and_one_minus_p"] = 0.5 * (novelty + pair["maps"]["one_minus_p"])
+    # noisy-OR: wrong if the model doubts it or the intensity is foreign to the class; among voxels
+    # of typical intensity it orders as 1 - p
+    pair["maps"]["novelty_or_one_minus_p"] = 1.0 - (1.0 - pair["maps"]["one_minus_p"]) * (1.0 - novelty)
 
 
 def structure_rows(pair: dict, table) -> list[dict]:

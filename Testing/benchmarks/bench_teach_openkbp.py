@@ -57,26 +57,36 @@ def contours(case: Path, organ: str) -> bool:
     return (case / "segmentations" / f"{organ}.nii.gz").exists()
 
 
-def teach(base: Path, cases: list[Path], minutes: float, out: Path, settings: dict) -> tuple[Path, float]:
-    """A model taught the organs from ``cases`` (a folder of links to them) with the extra
-    ``settings``; seconds taken."""
+def teach(
+    base: Path, data: Path, structures: list[str], minutes: float, out: Path, settings: dict
+) -> tuple[Path, float]:
+    """A model taught ``structures`` from the dataset ``data`` with the extra fine-tuning
+    ``settings``, time-boxed at ``minutes`` on the CPU; seconds taken."""
+    started = time.perf_counter()
+    model = finetune(
+        base,
+        {
+            "data": [str(data)],
+            "structures": list(structures),
+            "out": str(out),
+            "max_minutes": minutes,
+            "device": "cpu",
+            **settings,
+        },
+        progress_bar=True,
+    )
+    return model, time.perf_counter() - started
+
+
+def teach_patients(
+    base: Path, cases: list[Path], minutes: float, out: Path, settings: dict
+) -> tuple[Path, float]:
+    """:func:`teach` the organs contoured on ``cases`` (through a folder of links to them)."""
     with tempfile.TemporaryDirectory() as folder:
         for case in cases:
             (Path(folder) / case.name).symlink_to(case, target_is_directory=True)
-        started = time.perf_counter()
-        model = finetune(
-            base,
-            {
-                "data": [folder],
-                "structures": [o for o in ORGANS if any(contours(case, o) for case in cases)],
-                "out": str(out),
-                "max_minutes": minutes,
-                "device": "cpu",
-                **settings,
-            },
-            progress_bar=True,
-        )
-    return model, time.perf_counter() - started
+        organs = [o for o in ORGANS if any(contours(case, o) for case in cases)]
+        return teach(base, Path(folder), organs, minutes, out, settings)
 
 
 def score_openkbp(model: Path, cases: list[Path]) -> dict[str, list[float]]:
@@ -94,10 +104,11 @@ def score_openkbp(model: Path, cases: list[Path]) -> dict[str, list[float]]:
     return per_organ
 
 
-def base_structures(model: Path, vocabulary: Vocabulary) -> dict[str, float]:
-    """Mean Dice of the base's abdominal structures on each real CT."""
+def base_structures(model: Path, vocabulary: Vocabulary, base: Path | None = None) -> dict[str, float]:
+    """Mean Dice of the ``base``'s abdominal structures (default: ``model``'s) on each real CT, as
+    ``model`` segments them (a structure taught on top of the base is not among them)."""
     segmenter = Segmenter.load(model, device="cpu")
-    prompts = demo_prompts(model, vocabulary)
+    prompts = demo_prompts(base or model, vocabulary)
     return {ct: score_real_ct(segmenter, ct, vocabulary, prompts)["mean"] for ct in real_cts.CTS}
 
 
@@ -133,9 +144,9 @@ def main() -> None:
         out = RUNS / f"n{count}{suffix}"
         if out.exists():
             raise SystemExit(f"{out} exists from an earlier run; move it away first")
-        model, seconds = teach(args.base, every[:count], args.minutes, out, settings)
+        model, seconds = teach_patients(args.base, every[:count], args.minutes, out, settings)
         organs = score_openkbp(model, held_out)
-        after = base_structures(model, vocabulary)
+        after = base_structures(model, vocabulary, args.base)
         means = {o: float(np.mean(v)) for o, v in organs.items() if v}
         results.append(
             {
