@@ -18,6 +18,7 @@ from voila.errors import ConfigError
 from voila.infer.segmenter import Segmenter
 from voila.model.model_file import read_model_card
 from voila.training.data import TrainingData
+from voila.training.finetune import label_sources
 from voila.vocabulary import Vocabulary
 
 FAST = {
@@ -83,10 +84,24 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     assert forgetting["mean_change"] == pytest.approx(
         forgetting["after"]["liver"] - forgetting["before"]["liver"], abs=2e-4
     )
+    assert forgetting["labels"] == {"liver": "reference"}  # the held-out case labels it
     # the review map's calibration and the structures' places come from this run's validation case
     review = card["review"]
     assert review["fitted_on"].startswith("1 whole validation case(s)")
     assert len(review["calibration"]["x"]) >= 2 and {"liver", "Tumor Core"} <= set(review["places"])
+
+
+def test_the_forgetting_figure_says_when_it_was_scored_against_the_bases_own_predictions():
+    """A validation case that is also a training case gets pseudo-labels for the base structures it
+    does not label: a figure against those is agreement with the base, and the card says so."""
+    annotated = {0: torch.tensor([True, True, False, True]), 2: torch.tensor([True, True, True, True])}
+    pseudo = {0: {3}, 1: {1, 2}, 2: {2}}  # case 1 is a training case only
+    sources = label_sources(annotated, pseudo, {"liver": 1, "spleen": 2, "aorta": 3})
+    assert sources == {
+        "liver": "reference",  # labelled by both validation cases
+        "spleen": "pseudo-labels",  # case 0 does not annotate it; case 2 got it from the base
+        "aorta": "reference and pseudo-labels",
+    }
 
 
 def test_a_time_boxed_finetune_keeps_the_bases_patch(tiny_model_path, new_structure_data, tmp_path):

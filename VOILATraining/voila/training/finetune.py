@@ -65,6 +65,8 @@ class FinetuneTrainer(Trainer):
         self.base_path = Path(config.base)
         self.base = load_model(self.base_path)
         self.base_sha256 = sha256_of(self.base_path)
+        # case index → the base's classes (indices) its labels got from the base's predictions
+        self.pseudo_labelled: dict[int, set[int]] = {}
         for path in (config.export_path, config.out_dir):
             if os.path.realpath(path) == os.path.realpath(self.base_path):
                 raise ConfigError(
@@ -133,6 +135,7 @@ class FinetuneTrainer(Trainer):
                 labels[mine & (prediction.probability < PSEUDO_LABEL_CONFIDENCE)] = data.ignore_index
                 case.annotated[c] = True
             case.replace_label(labels[None])
+            self.pseudo_labelled[index] = set(missing)
             LOG.info(
                 "pseudo-labels for %s/%s: %s",
                 case.dataset,
@@ -148,7 +151,8 @@ class FinetuneTrainer(Trainer):
     def _forgetting(self, after: dict[str, float]) -> dict[str, Any] | None:
         """The forgetting measure: Dice of the base's structures on the whole validation cases,
         by the base model (``before``) and by the fine-tuned one (``after``: ``after`` as given,
-        from the final validation), and the mean change. None without a final validation."""
+        from the final validation), the mean change, and what each structure was scored against
+        (``labels``: :func:`label_sources`). None without a final validation."""
         base_classes = list(self.base.card["classes"])
         if not after or not self.data.val_indices:
             return None
@@ -165,16 +169,26 @@ class FinetuneTrainer(Trainer):
         if not shared:
             return None
         change = float(np.mean([after[name] - before[name] for name in shared]))
+        sources = label_sources(
+            {i: self.data.cases[i].annotated for i in self.data.val_indices},
+            self.pseudo_labelled,
+            {name: base_classes.index(name) for name in shared},
+        )
         LOG.info(
-            "the base's structures on the validation cases: mean Dice %.4f before, %.4f after (%+.4f)",
+            "the base's structures on the validation cases: mean Dice %.4f before, %.4f after (%+.4f)%s",
             float(np.mean([before[name] for name in shared])),
             float(np.mean([after[name] for name in shared])),
             change,
+            ""
+            if all(source == "reference" for source in sources.values())
+            else "; scored partly against the base's own predictions (pseudo-labels): agreement "
+            "with the base, not accuracy — give a validation case that labels them for that",
         )
         return {
             "before": {name: round(before[name], 4) for name in shared},
             "after": {name: round(after[name], 4) for name in shared},
             "mean_change": round(change, 4),
+            "labels": sources,
         }
 
     def base_sentence(self, name: str) -> str:
@@ -202,6 +216,26 @@ class FinetuneTrainer(Trainer):
             + record["summary"]
         )
         return record
+
+
+def label_sources(
+    annotated: dict[int, Any], pseudo_labelled: dict[int, set[int]], classes: dict[str, int]
+) -> dict[str, str]:
+    """What each base structure's forgetting figure was scored against: ``"reference"`` (the
+    validation cases' own labels), ``"pseudo-labels"`` (the base's confident predictions, where a
+    validation case is also a training case that did not label it: agreement with the base, not
+    accuracy) or ``"reference and pseudo-labels"``. ``annotated``: validation case index → its
+    per-class annotated flags; ``pseudo_labelled``: case index → the class indices pseudo-labelled;
+    ``classes``: structure name → class index."""
+    sources = {}
+    for name, c in classes.items():
+        kinds = {
+            "pseudo-labels" if c in pseudo_labelled.get(i, ()) else "reference"
+            for i, flags in annotated.items()
+            if bool(flags[c])
+        }
+        sources[name] = " and ".join(sorted(kinds, reverse=True)) or "reference"
+    return sources
 
 
 def finetune(
