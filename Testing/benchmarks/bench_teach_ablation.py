@@ -20,13 +20,16 @@ before → after (the forgetting measure, ``bench_teach_openkbp.base_structures`
         [--reuse]
 
 ``--reuse`` scores the arms' models of an earlier run again (``runs/teach-ablation/ARM``) instead
-of teaching them anew; steps and training minutes come from each model's card.
+of teaching them anew; steps and training minutes come from each model's card. The results file
+keeps the arms a run does not name (each with its own command and date).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import benchlib
@@ -136,6 +139,8 @@ def main() -> None:
             results.append(
                 {
                     "arm": arm,
+                    "command": benchlib.command_line(),
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
                     "settings": ARMS[arm],
                     "steps": training["optimizer_steps"],
                     "training_minutes": training["minutes"],
@@ -169,8 +174,23 @@ def main() -> None:
     )
     benchlib.write_results(
         "teach_ablation",
-        {"machine": info, "every": args.every, "minutes_box": args.minutes, "results": results},
+        {
+            "machine": info,
+            "every": args.every,
+            "minutes_box": args.minutes,
+            "results": with_earlier_arms(results, args.every),
+        },
     )
+
+
+def with_earlier_arms(results: list[dict], every: int) -> list[dict]:
+    """``results`` and the arms of the results file this run does not replace (same ``every``), in
+    :data:`ARMS` order: teaching one arm again keeps the others' figures."""
+    path = benchlib.RESULTS_DIR / "teach_ablation.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    kept = [] if earlier.get("every") != every else earlier.get("results", [])
+    merged = {r["arm"]: r for r in kept} | {r["arm"]: r for r in results}
+    return [merged[arm] for arm in ARMS if arm in merged]
 
 
 if __name__ == "__main__":
