@@ -15,6 +15,7 @@ from voila.cli import main
 from voila.data.io import write_volume
 from voila.data.phantoms import write_phantom_dataset
 from voila.errors import ConfigError
+from voila.infer.review import check_joint_table
 from voila.infer.segmenter import Segmenter
 from voila.model.model_file import read_model_card
 from voila.training.data import TrainingData
@@ -89,6 +90,9 @@ def test_finetuning_keeps_every_base_class_adds_the_new_one_and_records_its_base
     review = card["review"]
     assert review["fitted_on"].startswith("1 whole validation case(s)")
     assert len(review["calibration"]["x"]) >= 2 and {"liver", "Tumor Core"} <= set(review["places"])
+    # the joint table of 1 - p and intensity novelty, and the classes' profiles from the cases
+    check_joint_table(review["joint"], "card")
+    assert {"background", "liver", "Tumor Core"} <= set(review["intensity"]["density"])
 
 
 def test_the_forgetting_figure_says_when_it_was_scored_against_the_bases_own_predictions():

@@ -85,7 +85,9 @@ def test_a_new_prompt_on_an_encoded_volume_gives_exactly_the_labels_of_the_one_s
     prompts = ["liver", "spleen", "left kidney", "my organ"]
     encoding = segmenter.encode(ct, affine, heatmap=True, overlap=OVERLAP)
     tokens, heatmap = encoding.encoded.tokens, encoding.encoded.heatmap
-    assert encoding.nbytes == tokens.numel() * 2 + heatmap.numel() * 4 + encoding.body.size  # + body mask
+    bins = encoding.intensity_bins  # the demo model's review map reads each voxel's intensity bin
+    assert bins is not None and bins.dtype == np.uint8
+    assert encoding.nbytes == tokens.numel() * 2 + heatmap.numel() * 4 + encoding.body.size + bins.size
     first = encoding.segment(prompts)
     again = encoding.segment(["aorta", "liver"])
     one_shot = segmenter.segment(ct, affine, prompts, heatmap=True, overlap=OVERLAP)

@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 from voila import cli
 from voila.data.io import read_image
 from voila.data.phantoms import write_phantom_dataset
@@ -16,12 +17,18 @@ from voila.infer.results import HEATMAP_KINDS, SegmentationResult
 from voila.infer.review import (
     TIE_BREAK,
     CalibrationSample,
+    IntensityProfile,
     apply_calibration,
+    apply_joint_calibration,
     body_mask,
     body_normalised_centre,
+    check_intensity_profile,
+    check_joint_table,
     check_table,
     fit_calibration,
+    fit_joint_calibration,
     load_calibration,
+    review_map,
     structure_quality,
 )
 from voila.infer.segmenter import Segmenter
@@ -70,6 +77,103 @@ def test_a_calibration_sample_stays_bounded_and_keeps_its_error_rate():
     assert sample.voxels == 1010 and sample.cases == 2
     assert np.concatenate(sample.wrong)[:1000].mean() == pytest.approx(0.25, abs=0.05)
     assert CalibrationSample().fit() is None
+
+
+def auroc(score, positive):
+    ranks = rankdata(score)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_the_intensity_profile_finds_a_class_at_an_intensity_it_never_had():
+    """A "kidney" seen at 30 HU in training, met at 180 HU (contrast) on a new scan, is foreign:
+    novelty near 1; at its training intensity near 0; a class without a profile gets 0."""
+    preprocessing = PreprocessingConfig()
+    profile = IntensityProfile(["background", "kidney", "never labelled"])
+    rng = np.random.default_rng(0)
+    hu = np.r_[rng.normal(-80, 40, 5000), rng.normal(30, 10, 2000)]
+    labels = np.r_[np.zeros(5000, int), np.ones(2000, int)]
+    image = (hu - preprocessing.mean) / preprocessing.std  # the model grid's normalised values
+    profile.add(profile.bins(image, preprocessing), labels)
+    new = (np.array([30.0, 180.0, 30.0]) - preprocessing.mean) / preprocessing.std
+    novelty = profile.novelty(profile.bins(new, preprocessing), np.array([1, 1, 2]))
+    assert novelty[0] < 0.1 and novelty[1] > 0.95 and novelty[2] == 0.0
+    card = json.loads(json.dumps(profile.to_card()))
+    assert set(card["density"]) == {"background", "kidney"}  # nothing stored for an unseen class
+    check_intensity_profile(card, "card")
+    again = IntensityProfile.from_card(card, ["kidney", "background"])  # by name, any order; 2: none
+    assert np.allclose(again.novelty(profile.bins(new, preprocessing), np.array([0, 0, 2])), [*novelty[:2], 0.0],
+                       atol=1e-4)  # fmt: skip
+    annotated_only = IntensityProfile(["background", "kidney"])
+    annotated_only.add(profile.bins(image, preprocessing), labels, annotated=[True, False])
+    assert annotated_only.to_card()["density"].keys() == {"background"}
+
+
+def test_the_joint_table_finds_confident_errors_that_1_minus_p_cannot():
+    """Voxels wrong either from doubt or (confidently) from a foreign intensity: the joint table
+    fitted on one half ranks the other half's errors better than 1 - p, is non-decreasing in both,
+    and says how often such voxels were wrong."""
+    rng = np.random.default_rng(1)
+    n = 60000
+    doubt = rng.beta(1, 4, n)
+    novelty = rng.uniform(0, 1, n)
+    wrong = rng.uniform(0, 1, n) < np.clip(0.6 * doubt + 0.7 * (novelty > 0.85), 0, 0.95)
+    table = fit_joint_calibration(doubt[::2], novelty[::2], wrong[::2])
+    check_joint_table(json.loads(json.dumps(table)), "table")
+    rate = np.asarray(table["wrong"])
+    assert (np.diff(rate, axis=0) >= 0).all() and (np.diff(rate, axis=1) >= 0).all()
+    joint = apply_joint_calibration(doubt[1::2], novelty[1::2], table)
+    assert auroc(joint, wrong[1::2]) > auroc(doubt[1::2], wrong[1::2]) + 0.1
+    assert expected_calibration_error(joint, wrong[1::2]) < 0.03
+    # the review map takes the joint table only with a novelty; without one, calibrated 1 - p
+    review = {"calibration": fit_calibration(doubt, wrong), "joint": table}
+    joint_map = review_map(1 - doubt[:50], review, novelty[:50])
+    assert np.allclose(joint_map, apply_joint_calibration(doubt[:50], novelty[:50], table), atol=1e-5)
+    assert np.allclose(
+        review_map(1 - doubt[:50], review), apply_calibration(doubt[:50], review["calibration"])
+    )
+
+
+def test_a_calibration_sample_with_a_profile_fits_the_joint_table():
+    preprocessing = PreprocessingConfig()
+    profile = IntensityProfile(["background", "liver"])
+    image = np.linspace(-1, 1, 4000)
+    profile.add(profile.bins(image, preprocessing), (image > 0).astype(int))
+    sample = CalibrationSample(limit=1000, seed=0, profile=profile, preprocessing=preprocessing)
+    rng = np.random.default_rng(2)
+    sample.add(rng.uniform(0.3, 1, 4000), rng.uniform(0, 1, 4000) < 0.2, (image > 0).astype(int), image)
+    table = sample.fit_joint()
+    assert sample.voxels == 1000 and table is not None and len(table["wrong"]) >= 2
+    assert CalibrationSample().fit_joint() is None
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"doubt": [0.5], "novelty": [0.5], "wrong": [[0.1, 0.2]]},  # one row for two doubt bins
+        {"doubt": [0.5], "novelty": [0.5], "wrong": [[0.1, 0.2], [0.3, 1.4]]},  # not a share
+        {"doubt": [0.6, 0.2], "novelty": [], "wrong": [[0.1], [0.2], [0.3]]},  # edges not increasing
+        {"doubt": list(np.linspace(0, 1, 80)), "novelty": [], "wrong": [[0.1]] * 81},  # too many bins
+        {"doubt": "0.5"},
+    ],
+)
+def test_a_broken_joint_table_is_refused(table):
+    with pytest.raises(ConfigError, match="joint table"):
+        check_joint_table(table, "card")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"hu": [-500, 1500, 25], "density": {"liver": [0.5] * 3}},  # wrong number of bins
+        {"hu": [-500, 1500, 0.001], "density": {}},  # two million bins
+        {"hu": [0, 100, 50], "density": {"liver": [0.5, 0.5, 2.0, 0.1]}},  # not a share
+        {"density": {}},
+    ],
+)
+def test_a_broken_intensity_profile_is_refused(entry):
+    with pytest.raises(ConfigError, match="intensity profile"):
+        check_intensity_profile(entry, "card")
 
 
 @pytest.mark.parametrize(
@@ -218,11 +322,31 @@ def test_the_card_calibration_shapes_the_review_map_and_the_complexity_map_stays
     saved = dict(segmenter.review)
     try:
         segmenter.review["calibration"] = {"x": [0.0, 1.0], "y": [0.3, 0.3]}  # "30 % wrong, whatever p"
+        segmenter.review["joint"] = None  # the one-dimensional table alone
         flat = encoding.segment(ALL)
         assert np.allclose(flat.heatmap, 0.3, atol=TIE_BREAK + 1e-6)  # the table, less ties
         complexity = encoding.segment(ALL, heatmap="complexity")
         assert complexity.heatmap_kind == "complexity" and not np.allclose(complexity.heatmap, 0.3)
         assert encoding.segment(ALL, heatmap=None).heatmap is None
+    finally:
+        segmenter.review = saved
+
+
+def test_the_joint_table_lights_voxels_whose_intensity_is_foreign_to_their_class(encoded, sample_ct):
+    """The shipped demo carries a joint table and the classes' intensity profile: a table that
+    says "wrong" only for a foreign intensity lights those voxels alone, whatever the model's doubt."""
+    segmenter, encoding = encoded
+    assert segmenter.intensity_profile is not None and encoding.intensity_bins is not None
+    saved = dict(segmenter.review)
+    try:
+        segmenter.review["joint"] = {"doubt": [0.5], "novelty": [0.9], "wrong": [[0.1, 0.8], [0.1, 0.8]]}
+        heat = encoding.segment(ALL).heatmap
+        body = sample_ct[0] > -500
+        high = (heat > 0.45) & body
+        assert 0 < high.sum() < 0.5 * body.sum()
+        values = heat[body]
+        levels = (np.abs(values - 0.1) < 0.02) | (np.abs(values - 0.8) < 0.02)
+        assert levels.mean() > 0.8  # the table's two shares (between them: interpolation at edges)
     finally:
         segmenter.review = saved
 
@@ -290,5 +414,11 @@ def test_the_shipped_demo_model_carries_a_calibration_measured_on_a_patient_it_n
 
     review = read_model_card(resources / DEMO_MODEL)["review"]
     assert "not trained on it" in review["fitted_on"] and len(review["calibration"]["x"]) >= 2
+    check_joint_table(review["joint"], "demo")  # the joint table of the same pairs
+    check_intensity_profile(review["intensity"], "demo")
+    assert {"liver", "spleen", "aorta", "background"} <= set(review["intensity"]["density"])
     assert cli.main(["info", str(resources / DEMO_MODEL)]) == 0
-    assert "review map:          calibrated; bench_heatmap" in capsys.readouterr().out
+    assert (
+        "review map:          calibrated on 1 - p and intensity novelty; bench_heatmap"
+        in capsys.readouterr().out
+    )

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     review = card.get("review") or {}
     if review:
         table = "calibrated" if review.get("calibration") else "not calibrated"
+        if review.get("joint") and review.get("intensity"):
+            table = "calibrated on 1 - p and intensity novelty"
         print(f"review map:          {table}; {review.get('fitted_on', '')}")
         print(f"training places:     {len(review.get('places') or {})} structure(s)")
     print(f"trainable parameters: {format_parameters(loaded.model.trainable_parameters())}")

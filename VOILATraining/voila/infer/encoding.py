@@ -68,7 +68,9 @@ class VolumeEncoding:
     ``grid_shape``/``grid_affine``: the model grid; ``encoded``: its tokens (float16) and CAS
     complexity heatmap (if asked); ``input_shape``/``input_affine``: the input grid; ``warnings``:
     the input's; ``body``: the body on the model grid (bool ``grid_shape``; where structures are
-    placed relative to, for the "check this structure" flag).
+    placed relative to, for the "check this structure" flag); ``intensity_bins``: each model-grid
+    voxel's bin of the model's intensity profile (uint8 ``grid_shape``; for the review map's
+    novelty, None when the model has no joint table).
     """
 
     segmenter: Any
@@ -80,11 +82,14 @@ class VolumeEncoding:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     body: np.ndarray | None = None
+    intensity_bins: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        """Memory the encoding holds (tokens, heatmap, body mask)."""
-        return self.encoded.nbytes + (0 if self.body is None else int(self.body.nbytes))
+        """Memory the encoding holds (tokens, heatmap, body mask, intensity bins)."""
+        return self.encoded.nbytes + sum(
+            int(a.nbytes) for a in (self.body, self.intensity_bins) if a is not None
+        )
 
     def segment(
         self,
@@ -126,6 +131,7 @@ class VolumeEncoding:
         labels, probability, runner_up = self._trained_structures_first(
             answer, embeddings, resolved, rows, clicks
         )
+        winner = labels.clone()  # every class's voxels, before those nobody asked for are dropped
         for p, row in zip(resolved, rows):
             mine = labels == row
             if p.key in spatial_boxes:
@@ -144,7 +150,7 @@ class VolumeEncoding:
         results, grid_labels = segmenter._prompt_results(
             resolved, prediction, self.grid_affine, clicked=set(clicks)
         )
-        review = review_map(prediction.probability.numpy(), segmenter.review.get("calibration"))
+        review = review_map(prediction.probability.numpy(), segmenter.review, self._novelty(winner, region))
         self._assess(results, resolved, rows, grid_labels, review, prediction.runner_up.numpy())
         labelmap = resample_to_grid(
             grid_labels, self.grid_affine, self.input_shape, self.input_affine, order=0
@@ -179,6 +185,16 @@ class VolumeEncoding:
                 segmenter.review.get("fitted_on") or "not calibrated: the review map shows 1 - p"
             ),
         )
+
+    def _novelty(self, winner: torch.Tensor, region) -> np.ndarray | None:
+        """Intensity novelty on the model grid (:class:`voila.infer.review.IntensityProfile`) of
+        each voxel for the row it was given (``winner``, region shape): rows past the trained
+        classes (free text) and voxels outside the encoded region get 0. None without a profile."""
+        profile = self.segmenter.intensity_profile
+        if profile is None or self.intensity_bins is None:
+            return None
+        placed = _on_grid(winner, region, self.grid_shape, -1).numpy()
+        return profile.novelty(self.intensity_bins, placed)
 
     def _assess(self, results, resolved, rows, grid_labels, review, runner_up) -> None:
         """Each found prompt's predicted Dice and "check this structure" flag (in place), from the

@@ -53,7 +53,8 @@ class PromptResult:
 HEATMAP_KINDS = {
     "review": (
         "review map: a value v means that about v of the voxels with that value were labelled wrongly "
-        "on patients the model was not trained on (calibrated 1 - the winning class's probability)"
+        "on patients the model was not trained on (calibrated from 1 - the winning class's probability and, "
+        "where the model file has them, how foreign each voxel's intensity is to the class it was given)"
     ),
     "complexity": (
         "CAS complexity in [0, 1]: where the model's complexity decoder expects hard voxels (the map that "

@@ -7,6 +7,16 @@ heatmap (BENCHMARKS.md, "Where the model is wrong") — through an isotonic (mon
 validation data and stored in the model card. A model without a table shows ``1 - p`` itself,
 which is what the table would be if the model were calibrated.
 
+**What the model has not seen** (BENCHMARKS.md §7): much of a model's error on a new patient is
+*confident* — a contrast-filled aorta or kidney that the model, trained on unenhanced scans, calls
+background without doubt; ``1 - p`` cannot see it. So the card also keeps each class's **intensity
+profile** (the share of its voxels in each 25 HU bin, from the training cases' labels) and the
+review map is a **joint table** ``P(wrong | 1 - p, intensity novelty)`` where the novelty of a voxel
+is how rare its intensity was for the class it was given (``1 - density / the class's densest
+bin``). The table is fitted like the one-dimensional one and kept non-decreasing in both (more
+doubt, or a more foreign intensity, never means less likely wrong). A card without a profile or
+joint table shows calibrated ``1 - p`` as before.
+
 Per structure, the same table gives an expected quality: the predicted Dice of the structure's
 region from the probabilities that its voxels are right and that nearby voxels should have been
 its; below :data:`CHECK_BELOW` the structure is flagged "check this structure". A structure whose
@@ -17,10 +27,14 @@ lies along the body depends on how much of the body the scan covers.
 The model card's ``review`` entry holds both::
 
     {"calibration": {"x": [...], "y": [...]} or null, "fitted_on": "what the table was fitted on",
+     "joint": {"doubt": [edges], "novelty": [edges], "wrong": [[...], ...]} (optional),
+     "intensity": {"hu": [low, high, step], "density": {class name: [share per bin]}} (optional),
      "places": {class name: {"mean": [lr, ap], "spread": [lr, ap]}}}
 
     table = fit_calibration(1 - probability, wrong)          # at training time, on held-out data
-    review = review_map(probability, table)                  # at inference, per voxel
+    review = review_map(probability, {"calibration": table})  # at inference, per voxel
+    profile = IntensityProfile.from_card(card["review"]["intensity"], classes)
+    review = review_map(probability, card["review"], profile.novelty(bins, winner))
 """
 
 from __future__ import annotations
@@ -49,6 +63,12 @@ PLACE_AXES = (0, 1)
 PLACE_AXIS_NAMES = ("left-right", "front-back")
 # At most this many voxels (a random sample) fit a calibration table.
 CALIBRATION_SAMPLE = 2_000_000
+# The intensity profile's bins: Hounsfield units from the body threshold up, 25 HU wide (plus one
+# bin below and one above).
+PROFILE_HU = (-500.0, 1500.0, 25.0)
+# Bins per axis of a joint table (quantiles of the fitting data), and the most a card may hold.
+JOINT_BINS = 12
+JOINT_MAX_BINS = 64
 # Share of the raw score mixed into a calibrated value, so that the review map rises wherever
 # ``1 - p`` rises: a table's flat steps would tie voxels the model ranks apart (BENCHMARKS.md §7:
 # the AUROC of a table with steps fell 0.04 below that of 1 - p). It moves a value by at most this.
@@ -121,7 +141,8 @@ def check_table(table: Any, where: str) -> dict[str, list[float]]:
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, Any]:
-    """A calibration file ``{"calibration": table, "fitted_on": "..."}`` (JSON, at most 1 MB)."""
+    """A calibration file ``{"calibration": table, "fitted_on": "...", "joint": table (optional)}``
+    (JSON, at most 1 MB)."""
     path = Path(path)
     try:
         if path.stat().st_size > 1 << 20:
@@ -133,15 +154,189 @@ def load_calibration(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(content, dict) or "calibration" not in content:
         raise ConfigError(f"calibration file {path} has no 'calibration' table")
-    return {
+    entry = {
         "calibration": check_table(content["calibration"], str(path)),
         "fitted_on": str(content.get("fitted_on", path.name))[:500],
     }
+    if content.get("joint") is not None:
+        entry["joint"] = check_joint_table(content["joint"], str(path))
+    return entry
 
 
-def review_map(probability: np.ndarray, table: Mapping[str, Sequence[float]] | None) -> np.ndarray:
-    """The review map from the winning class's probability ``p`` (any shape): calibrated ``1 - p``."""
-    return apply_calibration(1.0 - np.asarray(probability, dtype=np.float32), table)
+def review_map(
+    probability: np.ndarray, review: Mapping[str, Any] | None, novelty: np.ndarray | None = None
+) -> np.ndarray:
+    """The review map from the winning class's probability ``p`` (any shape) and the card's
+    ``review`` entry: the joint table of ``1 - p`` and the intensity ``novelty`` (same shape) where
+    the card has one and the novelty is given, else calibrated ``1 - p``."""
+    doubt = 1.0 - np.asarray(probability, dtype=np.float32)
+    review = review or {}
+    if review.get("joint") and novelty is not None:
+        return apply_joint_calibration(doubt, novelty, review["joint"])
+    return apply_calibration(doubt, review.get("calibration"))
+
+
+def fit_joint_calibration(
+    doubt: np.ndarray, novelty: np.ndarray, wrong: np.ndarray, bins: int = JOINT_BINS
+) -> dict[str, Any]:
+    """``P(wrong | doubt, novelty)`` on a grid of quantile bins, non-decreasing along both, as
+    ``{"doubt": edges, "novelty": edges, "wrong": rows}`` for :func:`apply_joint_calibration`.
+    Each cell starts from one voxel at the overall share (sparse cells lean to it)."""
+    doubt = np.asarray(doubt, dtype=np.float64).ravel()
+    novelty = np.asarray(novelty, dtype=np.float64).ravel()
+    wrong = np.asarray(wrong, dtype=np.float64).ravel()
+    quantiles = np.linspace(0, 1, bins + 1)[1:-1]
+    edges = [np.unique(np.quantile(values, quantiles)) for values in (doubt, novelty)]
+    rows, columns = (np.digitize(values, e) for values, e in zip((doubt, novelty), edges))
+    count = np.ones((len(edges[0]) + 1, len(edges[1]) + 1))
+    hits = np.full_like(count, wrong.mean())
+    np.add.at(count, (rows, columns), 1.0)
+    np.add.at(hits, (rows, columns), wrong)
+    rate = _isotonic_2d(hits / count, count)
+    return {
+        "doubt": [float(v) for v in edges[0]],
+        "novelty": [float(v) for v in edges[1]],
+        "wrong": [[round(float(v), 5) for v in row] for row in rate],
+    }
+
+
+def _isotonic_2d(rate: np.ndarray, weight: np.ndarray, rounds: int = 20) -> np.ndarray:
+    """``rate`` made non-decreasing along both axes: weighted isotonic fits of the rows and the
+    columns in turn, then a running maximum along each (which keeps both orders exactly)."""
+    rate = rate.copy()
+    for _ in range(rounds):
+        for i in range(rate.shape[0]):
+            rate[i] = _pool_adjacent_violators(rate[i], weight[i])
+        for j in range(rate.shape[1]):
+            rate[:, j] = _pool_adjacent_violators(rate[:, j], weight[:, j])
+    return np.maximum.accumulate(np.maximum.accumulate(rate, axis=0), axis=1)
+
+
+def apply_joint_calibration(doubt: np.ndarray, novelty: np.ndarray, table: Mapping[str, Any]) -> np.ndarray:
+    """Per-voxel probability of being wrong (float32, [0, 1]) from the joint table, with
+    :data:`TIE_BREAK` of ``doubt`` mixed in (voxels of one cell keep the model's order)."""
+    doubt = np.clip(np.asarray(doubt, dtype=np.float32), 0.0, 1.0)
+    novelty = np.clip(np.asarray(novelty, dtype=np.float32), 0.0, 1.0)
+    rate = np.asarray(table["wrong"], dtype=np.float32)
+    share = rate[np.digitize(doubt, table["doubt"]), np.digitize(novelty, table["novelty"])]
+    return ((1.0 - TIE_BREAK) * share + TIE_BREAK * doubt).astype(np.float32)
+
+
+def check_joint_table(table: Any, where: str) -> dict[str, Any]:
+    """A joint table as stored, or :class:`~voila.errors.ConfigError` saying what is wrong."""
+    try:
+        doubt = [float(v) for v in table["doubt"]]
+        novelty = [float(v) for v in table["novelty"]]
+        size = (len(doubt) + 1, len(novelty) + 1)
+        ok = max(size) <= JOINT_MAX_BINS + 1 and len(table["wrong"]) == size[0]
+        wrong = [[float(v) for v in row] for row in table["wrong"]] if ok else []
+    except (TypeError, KeyError, ValueError):
+        raise ConfigError(
+            f'{where}: a joint table is {{"doubt": [...], "novelty": [...], "wrong": [[...]]}} of numbers'
+        ) from None
+    ok = ok and all(len(row) == size[1] for row in wrong)
+    values = [*doubt, *novelty, *(v for row in wrong for v in row)]
+    ok = ok and all(0 <= v <= 1 for v in values)
+    ok = ok and all(b >= a for e in (doubt, novelty) for a, b in zip(e, e[1:]))
+    if not ok:
+        raise ConfigError(
+            f"{where}: the joint table needs at most {JOINT_MAX_BINS} increasing edges per axis within "
+            "[0, 1] and one share in [0, 1] per cell"
+        )
+    return {"doubt": doubt, "novelty": novelty, "wrong": wrong}
+
+
+class IntensityProfile:
+    """Per class, the share of its voxels in each intensity bin (:data:`PROFILE_HU`), and the
+    intensity novelty of a voxel given a class.
+
+    ``density``: ``(classes, bins)`` shares per row (a row of NaN: no profile; such a class's
+    voxels get novelty 0, nothing known against them). Counts start at one per bin."""
+
+    def __init__(self, classes: Sequence[str], hu: Sequence[float] = PROFILE_HU) -> None:
+        self.classes = list(classes)
+        self.hu = tuple(float(v) for v in hu)
+        low, high, step = self.hu
+        self.edges = np.arange(low, high + step / 2, step)
+        self.counts = np.zeros((len(self.classes), len(self.edges) + 1))
+        self.density = np.full(self.counts.shape, np.nan)
+
+    def bins(self, image: np.ndarray, preprocessing) -> np.ndarray:
+        """The bin of each voxel (uint8, ``image``'s shape) of a normalised model-grid ``image``."""
+        hu = np.asarray(image, dtype=np.float32) * preprocessing.std + preprocessing.mean
+        return np.digitize(hu, self.edges).astype(np.uint8)
+
+    def add(self, bins: np.ndarray, labels: np.ndarray, annotated: Sequence[bool] | None = None) -> None:
+        """Count voxels ``bins`` of ``labels`` (class indices; only ``annotated`` classes count)."""
+        bins, labels = np.asarray(bins).ravel(), np.asarray(labels).ravel()
+        inside = labels < len(self.classes)
+        if annotated is not None:
+            inside &= np.asarray(annotated, dtype=bool)[np.minimum(labels, len(annotated) - 1)]
+        np.add.at(self.counts, (labels[inside], bins[inside].astype(np.intp)), 1.0)
+        seen = self.counts.sum(1) > 0
+        smoothed = self.counts[seen] + 1.0
+        self.density[seen] = smoothed / smoothed.sum(1, keepdims=True)
+
+    def novelty(self, bins: np.ndarray, winner: np.ndarray) -> np.ndarray:
+        """``1 - density / the class's densest bin`` (float32, in [0, 1]) of each voxel's bin
+        for its class ``winner`` (indices into :attr:`classes`; others get 0)."""
+        bins = np.asarray(bins).astype(np.intp)
+        winner = np.asarray(winner).astype(np.intp)
+        known = (winner >= 0) & (winner < len(self.classes))
+        known[known] &= ~np.isnan(self.density[winner[known], 0])
+        novelty = np.zeros(winner.shape, dtype=np.float32)
+        peak = np.nanmax(np.where(np.isnan(self.density), -1.0, self.density), axis=1)
+        rows = winner[known]
+        novelty[known] = 1.0 - self.density[rows, bins[known]] / peak[rows]
+        return np.clip(novelty, 0.0, 1.0)
+
+    def to_card(self) -> dict[str, Any]:
+        return {
+            "hu": list(self.hu),
+            "density": {
+                name: [round(float(v), 6) for v in row]
+                for name, row in zip(self.classes, self.density)
+                if not np.isnan(row[0])
+            },
+        }
+
+    @classmethod
+    def from_card(cls, entry: Mapping[str, Any], classes: Sequence[str]) -> IntensityProfile:
+        """The profile of a card's ``intensity`` entry for the model's ``classes`` (in order)."""
+        profile = cls(classes, entry["hu"])
+        for index, name in enumerate(profile.classes):
+            row = entry["density"].get(name)
+            if row is not None:
+                profile.density[index] = np.asarray(row, dtype=np.float64)
+        return profile
+
+    def merged(self, other: IntensityProfile) -> IntensityProfile:
+        """This profile, with ``other``'s rows for the classes this one has none of."""
+        missing = [i for i, name in enumerate(self.classes) if np.isnan(self.density[i, 0])]
+        for index in missing:
+            if self.classes[index] in other.classes and other.hu == self.hu:
+                self.density[index] = other.density[other.classes.index(self.classes[index])]
+        return self
+
+
+def check_intensity_profile(entry: Any, where: str) -> None:
+    """The card's ``intensity`` entry as stored, or :class:`~voila.errors.ConfigError`."""
+    try:
+        low, high, step = (float(v) for v in entry["hu"])
+        bins = int(round((high - low) / step)) + 2 if step > 0 and high > low else 0
+        rows = dict(entry["density"])
+        ok = 2 < bins <= 1000 and len(rows) <= 10000
+        ok = ok and all(
+            isinstance(row, list) and len(row) == bins and all(0 <= float(v) <= 1 for v in row)
+            for row in rows.values()
+        )
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f'{where}: the intensity profile is {{"hu": [low, high, step], "density": {{class: [shares]}}}}, '
+            "at most 1000 bins, one share in [0, 1] per bin"
+        )
 
 
 def body_mask(image: np.ndarray, preprocessing) -> np.ndarray:
@@ -152,24 +347,49 @@ def body_mask(image: np.ndarray, preprocessing) -> np.ndarray:
 
 class CalibrationSample:
     """Collects ``(1 - p, wrong)`` pairs from validation cases (a bounded random sample) and fits
-    the table."""
+    the table; with an intensity ``profile`` (and :data:`preprocessing` to read intensities) also
+    each voxel's novelty, for the joint table."""
 
-    def __init__(self, limit: int = CALIBRATION_SAMPLE, seed: int = 0) -> None:
+    def __init__(
+        self, limit: int = CALIBRATION_SAMPLE, seed: int = 0, profile: IntensityProfile | None = None,
+        preprocessing=None,
+    ) -> None:  # fmt: skip
         self.limit, self.rng = limit, np.random.default_rng(seed)
+        self.profile, self.preprocessing = profile, preprocessing
         self.scores: list[np.ndarray] = []
         self.wrong: list[np.ndarray] = []
+        self.novelty: list[np.ndarray] = []
         self.cases = 0
 
-    def add(self, probability: np.ndarray, wrong: np.ndarray) -> None:
-        """One case's winning-class probabilities and wrong-voxel mask (body voxels, flat)."""
+    def add(
+        self, probability: np.ndarray, wrong: np.ndarray, winner: np.ndarray | None = None,
+        image: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        """One case's winning-class probabilities and wrong-voxel mask (body voxels, flat); with
+        a profile also its winning classes and normalised intensities (same voxels)."""
         score = 1.0 - np.asarray(probability, dtype=np.float32).ravel()
         wrong = np.asarray(wrong, dtype=bool).ravel()
+        novelty = None
+        if self.profile is not None and winner is not None and image is not None:
+            bins = self.profile.bins(np.asarray(image).ravel(), self.preprocessing)
+            novelty = self.profile.novelty(bins, np.asarray(winner).ravel())
         if len(score) > self.limit:
             keep = self.rng.choice(len(score), self.limit, replace=False)
             score, wrong = score[keep], wrong[keep]
+            novelty = None if novelty is None else novelty[keep]
         self.scores.append(score)
         self.wrong.append(wrong)
+        if novelty is not None:
+            self.novelty.append(novelty)
         self.cases += 1
+
+    def fit_joint(self) -> dict[str, Any] | None:
+        """The joint table of ``1 - p`` and novelty, or None without novelties for every case."""
+        if not self.voxels or len(self.novelty) != len(self.scores):
+            return None
+        return fit_joint_calibration(
+            np.concatenate(self.scores), np.concatenate(self.novelty), np.concatenate(self.wrong)
+        )
 
     @property
     def voxels(self) -> int:

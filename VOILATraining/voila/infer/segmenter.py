@@ -32,7 +32,7 @@ from voila.device import autocast_dtype, resolve_device
 from voila.errors import InputImageError, InsufficientMemoryError, PromptError, VoilaError
 from voila.infer.encoding import Box, Point, VolumeEncoding, region_of_boxes
 from voila.infer.results import PromptResult, SegmentationResult, heatmap_kind
-from voila.infer.review import body_mask
+from voila.infer.review import IntensityProfile, body_mask
 from voila.infer.sliding_window import broken_model_error, classify_tokens, count_windows, encode_grid
 from voila.model.model_file import LoadedModel, load_model
 from voila.model.text_encoder import TextEncoder, text_encoder_id
@@ -76,6 +76,12 @@ class Segmenter:
         self.patch_size = tuple(self.card["model"]["patch_size"])
         # The review map's calibration and where structures lay in training (voila.infer.review).
         self.review: dict[str, Any] = dict(self.card.get("review") or {})
+        # The classes' intensity profile, where the review map is the joint table (else None).
+        self.intensity_profile = (
+            IntensityProfile.from_card(self.review["intensity"], self.classes)
+            if self.review.get("joint") and self.review.get("intensity")
+            else None
+        )
         encoder = self.card["text_encoder"]
         self.text_cache.set_encoder_factory(
             lambda: TextEncoder(encoder["model_name"], encoder.get("pretrained"), device="cpu"),
@@ -186,6 +192,9 @@ class Segmenter:
             notes,
             time.perf_counter() - started,
             body=body_mask(grid.image[0].numpy(), self.preprocessing),
+            intensity_bins=None
+            if self.intensity_profile is None
+            else self.intensity_profile.bins(grid.image[0].numpy(), self.preprocessing),
         )
 
     def segment(

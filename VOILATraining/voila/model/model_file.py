@@ -199,14 +199,19 @@ def check_card(card: dict[str, Any], path: Path) -> None:
 
 
 def _check_review(review: Any) -> None:
-    """The ``review`` entry (absent in older files): a calibration table or null, and places."""
-    from voila.infer.review import check_table
+    """The ``review`` entry (absent in older files): a calibration table or null, places, and
+    optionally a joint table and the classes' intensity profile."""
+    from voila.infer.review import check_intensity_profile, check_joint_table, check_table
 
     if review is None:
         return
     review = _mapping(review)
     if review.get("calibration") is not None:
         check_table(review["calibration"], "review")
+    if review.get("joint") is not None:
+        check_joint_table(review["joint"], "review")
+    if review.get("intensity") is not None:
+        check_intensity_profile(review["intensity"], "review")
     for name, place in _mapping(review.get("places") or {}).items():
         place = _mapping(place)
         for key in ("mean", "spread"):

@@ -124,10 +124,11 @@ def default_description(data, model_config: ModelConfig) -> str:
     )
 
 
-def review_entry(config, data, preprocessing, calibration=None) -> dict[str, Any]:
-    """The card's ``review`` entry (:mod:`voila.infer.review`): the calibration table fitted on
+def review_entry(config, data, preprocessing, calibration=None, profile=None) -> dict[str, Any]:
+    """The card's ``review`` entry (:mod:`voila.infer.review`): the calibration tables fitted on
     the whole validation cases (``calibration``: their :class:`CalibrationSample`) or read from
-    the ``calibration`` file, and where each structure lies in the training cases."""
+    the ``calibration`` file, the classes' intensity ``profile`` (:func:`intensity_profile`) and
+    where each structure lies in the training cases."""
     from voila.infer.review import load_calibration
 
     if config.calibration != "validation":
@@ -137,6 +138,9 @@ def review_entry(config, data, preprocessing, calibration=None) -> dict[str, Any
             "calibration": calibration.fit(),
             "fitted_on": f"{calibration.cases} whole validation case(s), {calibration.voxels} body voxels",
         }
+        joint = calibration.fit_joint()
+        if joint is not None:
+            entry["joint"] = joint
     else:
         reason = (
             "validation used the training cases"
@@ -145,7 +149,24 @@ def review_entry(config, data, preprocessing, calibration=None) -> dict[str, Any
         )
         entry = {"calibration": None, "fitted_on": f"not calibrated ({reason}): the review map shows 1 - p"}
     entry["places"] = training_places(data, preprocessing)
+    if profile is not None:
+        entry["intensity"] = profile.to_card()
     return entry
+
+
+def intensity_profile(data, preprocessing):
+    """The classes' intensity profile (:class:`voila.infer.review.IntensityProfile`) over the body
+    voxels of the training cases, each class counted where a case annotates it."""
+    from voila.infer.review import IntensityProfile, body_mask
+
+    profile = IntensityProfile(data.class_names)
+    for index in data.train_indices:
+        case = data.cases[index]
+        image, label = case.volumes()
+        values = image[0].numpy()
+        body = body_mask(values, preprocessing)
+        profile.add(profile.bins(values[body], preprocessing), label[0].numpy()[body], case.annotated.numpy())
+    return profile
 
 
 def training_places(data, preprocessing) -> dict[str, dict[str, list[float]]]:
@@ -193,9 +214,10 @@ def export_model(
 
 def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str], out: str | Path) -> Path:
     """A copy of the model file ``model_path`` at ``out`` whose card's ``review`` entry is
-    replaced: the calibration table of the file ``calibration`` (e.g. fitted by
-    ``Testing/benchmarks/bench_heatmap.py`` on patients the model never saw) and the structures'
-    places in ``data`` (the datasets the model was trained on). Weights, text cache and the rest
+    replaced: the calibration table(s) of the file ``calibration`` (e.g. fitted by
+    ``Testing/benchmarks/bench_heatmap.py`` on patients the model never saw), and the structures'
+    places and (with a joint table) the classes' intensity profile in ``data`` (the datasets the
+    model was trained on). Weights, text cache and the rest
     of the card are unchanged; ``out`` must be a new file (the input is never replaced)."""
     from voila.data.preprocess import PreprocessingConfig
     from voila.infer.review import load_calibration
@@ -209,6 +231,8 @@ def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str
     loaded = load_model(model_path)
     preprocessing = PreprocessingConfig.from_dict(loaded.card["preprocessing"])
     entry = load_calibration(calibration)
+    if entry.get("joint"):
+        entry["intensity"] = None  # set below, from the data the model was trained on
     cases = TrainingData.prepare(
         data,
         preprocessing,
@@ -218,4 +242,6 @@ def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str
         structures=list(loaded.card["classes"][1:]),
     )
     entry["places"] = training_places(cases, preprocessing)
+    if entry.get("joint"):
+        entry["intensity"] = intensity_profile(cases, preprocessing).to_card()
     return save_model(out, loaded.model, dict(loaded.card, review=entry), loaded.text_cache)

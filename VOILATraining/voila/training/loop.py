@@ -46,7 +46,7 @@ from torch import nn
 from voila.data.preprocess import PreprocessingConfig
 from voila.device import autocast_dtype, resolve_device
 from voila.errors import ConfigError, ModelFileError, TrainingError
-from voila.infer.review import CalibrationSample
+from voila.infer.review import CalibrationSample, IntensityProfile
 from voila.model.config import ModelConfig, load_preset
 from voila.model.factory import BuiltModel, create_model
 from voila.model.model_file import LoadedModel
@@ -56,7 +56,13 @@ from voila.training.checkpoint import capture_rng, load_checkpoint, restore_rng,
 from voila.training.config import TrainConfig
 from voila.training.data import PatchDataset, TrainingData, epoch_keys, patch_transforms
 from voila.training.distributed import Distributed
-from voila.training.export import RunTotals, export_model, review_entry, training_record
+from voila.training.export import (
+    RunTotals,
+    export_model,
+    intensity_profile,
+    review_entry,
+    training_record,
+)
 from voila.training.report import MetricsTable, TensorBoardLog, plot_curves, plot_validation
 from voila.training.run_folder import RunFolder
 from voila.training.timebox import plan_patch
@@ -761,9 +767,18 @@ class Trainer:
         )
         calibration = None
         fit_here = self.config.calibration == "validation" and not self.data.validating_on_training_cases
+        profile = intensity_profile(self.data, self.preprocessing)
+        base = self.base_model()
+        if base is not None and (base.card.get("review") or {}).get("intensity"):
+            # fine-tuning: the base's classes the new cases do not label keep the base's profile
+            profile.merged(IntensityProfile.from_card(base.card["review"]["intensity"], base.card["classes"]))
         if self.data.val_indices and (self.config.val_windows or fit_here):
             # once, whole cases: the figure the card gives, and the review map's calibration
-            calibration = CalibrationSample(seed=self.config.seed) if fit_here else None
+            calibration = (
+                CalibrationSample(seed=self.config.seed, profile=profile, preprocessing=self.preprocessing)
+                if fit_here
+                else None
+            )
             final = self.validate_model(
                 exported.model.to(self.device),
                 picture=False,
@@ -777,8 +792,7 @@ class Trainer:
                 final.seconds,
             )
             totals.final_dice, totals.final_scores = final.mean, final.per_class
-        review = review_entry(self.config, self.data, self.preprocessing, calibration)
-        base = self.base_model()
+        review = review_entry(self.config, self.data, self.preprocessing, calibration, profile)
         if base is not None:  # fine-tuning: what the new cases cannot tell comes from the base
             base_review = base.card.get("review") or {}
             for name, place in (base_review.get("places") or {}).items():
@@ -786,6 +800,8 @@ class Trainer:
             if review["calibration"] is None and base_review.get("calibration"):
                 review["calibration"] = base_review["calibration"]
                 review["fitted_on"] = f"the base model's: {base_review.get('fitted_on', '')}"
+                if base_review.get("joint"):
+                    review["joint"] = base_review["joint"]
         record = self.training_record(totals, source)
         path = export_model(
             self.folder.model, exported, record, self.config, self.data, self.model_config, review

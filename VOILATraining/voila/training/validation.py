@@ -65,7 +65,8 @@ def validate_cases(
     run stays a small share of its time. The first case is kept as a picture (with its CAS
     heatmap; ``picture=False``: none, and no heatmap is computed). ``calibration``: a
     :class:`voila.infer.review.CalibrationSample` that receives each part's winning-class
-    probability and wrong voxels (annotated voxels of the body, image above ``body_threshold``).
+    probability, wrong voxels, winning class and intensity (annotated voxels of the body, image
+    above ``body_threshold``).
     ``model`` is left in eval mode; the caller switches it back to training.
     """
     started = time.monotonic()
@@ -109,6 +110,8 @@ def validate_cases(
                 calibration.add(
                     prediction.probability.numpy()[scored],
                     predicted_volume[scored] != reference_volume[scored],
+                    predicted_volume[scored],
+                    part_image[0].numpy()[scored],
                 )
             both = np.bincount(reference[predicted == reference], minlength=len(class_names))
             overlap_sum += 2 * both[: len(class_names)]
