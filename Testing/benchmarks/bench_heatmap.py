@@ -5,15 +5,17 @@ wrong against the reference labels (the model's trained classes; other structure
 background). Maps scored: the CAS complexity heatmap, ``1 - p`` (p: the winning class's softmax
 probability), the margin ``1 - (p1 - p2)``, the entropy over the competing classes (normalised
 by log N), and the mean of CAS and ``1 - p``; with ``--trained-on`` (the CT each model was trained
-on) also the intensity novelty (how rare the voxel's intensity was for its class on that CT) and
-its mean with ``1 - p``. Per map: the area under the ROC curve for finding
-the wrong voxels, and the precision among the top 5 % of voxels. Calibration of ``1 - p`` as a
-probability of being wrong, raw and through the isotonic table (``voila.infer.review``) fitted on
-the *other* pair (held out from the pair it is scored on): expected calibration error (10 bins) and
-a reliability diagram. Per structure: the predicted Dice (``structure_quality``) against the real
+on) also the intensity novelty (how rare the voxel's intensity was for its class among the reference
+labels of that CT, as a model's card keeps it) and its mean with ``1 - p``. The review map the
+product shows: with ``--trained-on``, the joint table of ``1 - p`` and novelty, else ``1 - p``
+through the isotonic table (``voila.infer.review``), each fitted on the *other* pairs (held out
+from the pair it is scored on); ``review_map_other_ct``: the joint table fitted only on pairs
+scored on the other CT. Per map: the area under the ROC curve for finding the wrong voxels, and
+the precision among the top 5 % of voxels. Calibration of ``1 - p`` and of the review map as a
+probability of being wrong: expected calibration error (10 bins) and a reliability diagram. Per structure: the predicted Dice (``structure_quality``) against the real
 one. Pictures: ``results/heatmap_reliability.png``, ``results/heatmap_<pair>.png``.
 
-It also writes ``results/heatmap_calibration.json``: the table fitted on all pairs together (each
+It also writes ``results/heatmap_calibration.json``: the tables fitted on all pairs together (each
 a model on a patient it never saw), in the form ``voila train --calibration FILE`` takes, so a model
 trained on all the patients with the same recipe ships a calibration measured on unseen patients;
 and ``results/heatmap_calibration_<model>_on_<ct>.json`` per pair, for that very model
@@ -38,14 +40,17 @@ from scipy.stats import rankdata
 from voila.data.io import read_image
 from voila.data.preprocess import preprocess_volume, resample_to_grid
 from voila.evaluate.metrics import dice
-from voila.infer.review import apply_calibration, fit_calibration, structure_quality
+from voila.infer.review import (
+    IntensityProfile,
+    fit_calibration,
+    fit_joint_calibration,
+    review_map,
+    structure_quality,
+)
 from voila.infer.segmenter import Segmenter
 from voila.infer.sliding_window import encode_grid
 from voila.vocabulary import Vocabulary
 
-# Intensity novelty (with --trained-on): bins of the normalised CT over which a class's intensities
-# on the training CT are counted.
-NOVELTY_BINS = np.linspace(-1.5, 3.0, 91)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -132,35 +137,66 @@ def score_pair(model_path: Path, ct_name: str) -> dict:
         "classes": segmenter.classes,
         "grid_image": grid.image[0].numpy(),
         "grid_affine": grid.affine,
+        "preprocessing": segmenter.preprocessing,
         "encode_seconds": seconds,
     }
 
 
 def add_novelty(pair: dict, trained: dict) -> None:
-    """Adds the maps ``novelty``, ``novelty_and_one_minus_p`` (their mean) and
-    ``novelty_or_one_minus_p`` (``1 - p·(1 - novelty)``) to ``pair`` (in place). Novelty:
-    how rare a voxel's intensity is among the voxels the same model gave the same class on the CT it
-    was trained on (``trained``: that CT's :func:`score_pair`), 1 - density / the class's densest
-    bin: a contrast-enhanced kidney labelled background by a model that saw only unenhanced scans
-    scores high, however confident the model is."""
-    counts = np.ones((len(trained["classes"]), len(NOVELTY_BINS) + 1))  # + 1 per bin (Laplace)
+    """Adds the maps ``novelty`` and ``novelty_and_one_minus_p`` (their mean) to ``pair`` (in
+    place). Novelty as the product computes it (:class:`voila.infer.review.IntensityProfile`):
+    how rare a voxel's intensity is for the class it was given, against the profile of the
+    reference labels of the CT the model was trained on (``trained``: that CT's
+    :func:`score_pair`; a model's card holds the profile of its training cases). A
+    contrast-enhanced kidney labelled background by a model that saw only unenhanced scans scores
+    high, however confident the model is."""
+    profile = IntensityProfile(trained["classes"])
+    preprocessing = trained["preprocessing"]
     seen = trained["grid_image"].ravel()[trained["body"]]
-    np.add.at(counts, (trained["winner"][trained["body"]], np.digitize(seen, NOVELTY_BINS)), 1)
-    density = counts / counts.sum(1, keepdims=True)
-    winner = pair["winner"][pair["body"]]
-    bins = np.digitize(pair["grid_image"].ravel()[pair["body"]], NOVELTY_BINS)
-    novelty = 1.0 - density[winner, bins] / density.max(1)[winner]
+    profile.add(profile.bins(seen, preprocessing), trained["truth"][trained["body"]])
+    bins = profile.bins(pair["grid_image"].ravel()[pair["body"]], preprocessing)
+    novelty = profile.novelty(bins, pair["winner"][pair["body"]])
     pair["maps"]["novelty"] = novelty
     pair["maps"]["novelty_and_one_minus_p"] = 0.5 * (novelty + pair["maps"]["one_minus_p"])
-    # noisy-OR: wrong if the model doubts it or the intensity is foreign to the class; among voxels
-    # of typical intensity it orders as 1 - p
-    pair["maps"]["novelty_or_one_minus_p"] = 1.0 - (1.0 - pair["maps"]["one_minus_p"]) * (1.0 - novelty)
 
 
-def structure_rows(pair: dict, table) -> list[dict]:
+def review_maps(pairs: list[dict]) -> None:
+    """Each pair's review map as the product shows it, with its tables fitted on the *other* pairs
+    (held out from the pair it is scored on): ``pair["table"]`` (1 - p) and, with novelty,
+    ``pair["joint"]``; ``pair["review"]`` the map (joint where there is a novelty). With novelty
+    also ``maps["review_map_other_ct"]``: the joint table fitted only on pairs scored on the other
+    CT (no patient in common with the pair it is scored on)."""
+    for number, pair in enumerate(pairs):
+        others = [p for i, p in enumerate(pairs) if i != number] or pairs
+        pair["table"] = fit_calibration(
+            np.concatenate([p["maps"]["one_minus_p"] for p in others]),
+            np.concatenate([p["wrong"] for p in others]),
+        )
+        pair["joint"] = None
+        review = {"calibration": pair["table"]}
+        if "novelty" in pair["maps"]:
+            pair["joint"] = joint_of(others)
+            review["joint"] = pair["joint"]
+            strict = [p for p in others if p["ct"] != pair["ct"]]
+            if strict:
+                pair["maps"]["review_map_other_ct"] = review_map(
+                    1 - pair["maps"]["one_minus_p"], {"joint": joint_of(strict)}, pair["maps"]["novelty"]
+                )
+        pair["review"] = review_map(1 - pair["maps"]["one_minus_p"], review, pair["maps"].get("novelty"))
+
+
+def joint_of(pairs: list[dict]) -> dict:
+    return fit_joint_calibration(
+        np.concatenate([p["maps"]["one_minus_p"] for p in pairs]),
+        np.concatenate([p["maps"]["novelty"] for p in pairs]),
+        np.concatenate([p["wrong"] for p in pairs]),
+    )
+
+
+def structure_rows(pair: dict) -> list[dict]:
     shape, body = pair["shape"], pair["body"]
     q = np.zeros(np.prod(shape), dtype=np.float32)
-    q[body] = apply_calibration(pair["maps"]["one_minus_p"], table)
+    q[body] = pair["review"]
     q = q.reshape(shape)
     winner, truth = pair["winner"].reshape(shape), pair["truth"].reshape(shape)
     second = pair["probabilities"].topk(2, dim=-1).indices[:, 1].numpy().reshape(shape)
@@ -182,7 +218,7 @@ def structure_rows(pair: dict, table) -> list[dict]:
     return rows
 
 
-def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
+def pictures(pairs: list[dict], calibration: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +233,7 @@ def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
             axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
     for axis, title in (
         (raw_axis, "1 - p as P(wrong), raw"),
-        (calibrated_axis, "calibrated on the other pair"),
+        (calibrated_axis, "the review map, tables fitted on the other pairs"),
     ):
         axis.plot([0, 1], [0, 1], "k--", lw=0.8)
         axis.set_xlabel("predicted probability of being wrong")
@@ -208,7 +244,7 @@ def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
     figure.tight_layout()
     figure.savefig(RESULTS / "heatmap_reliability.png", dpi=100)
 
-    for pair, table in zip(pairs, tables):
+    for pair in pairs:
 
         def volume(values, pair=pair):
             full = np.zeros(np.prod(pair["shape"]), dtype=np.float32)
@@ -217,15 +253,16 @@ def pictures(pairs: list[dict], tables: list, calibration: list) -> None:
 
         wrong = volume(pair["wrong"].astype(np.float32))
         k = int(np.argmax(wrong.sum(axis=(0, 1))))
-        review = volume(apply_calibration(pair["maps"]["one_minus_p"], table))
+        kind = "1 - p & novelty" if pair["joint"] else "calibrated 1 - p"
         panels = [
             ("CT", pair["grid_image"][:, :, k], "gray", None),
             ("wrong voxels (reference)", wrong[:, :, k], "Reds", (0, 1)),
             ("CAS complexity", volume(pair["maps"]["cas"])[:, :, k], "magma", (0, 1)),
-            ("review map (calibrated 1 - p)", review[:, :, k], "magma", (0, 1)),
+            ("1 - p", volume(pair["maps"]["one_minus_p"])[:, :, k], "magma", (0, 1)),
+            (f"review map ({kind})", volume(pair["review"])[:, :, k], "magma", (0, 1)),
         ]
-        figure = Figure(figsize=(16, 4.6))
-        for axis, (title, image, cmap, limits) in zip(figure.subplots(1, 4), panels):
+        figure = Figure(figsize=(20, 4.6))
+        for axis, (title, image, cmap, limits) in zip(figure.subplots(1, len(panels)), panels):
             shown = axis.imshow(
                 image.T,
                 origin="lower",
@@ -261,29 +298,19 @@ def main() -> None:
             parser.error("give --trained-on once per --pair, or not at all")
         for pair, ct in zip(pairs, args.trained_on):
             add_novelty(pair, score_pair(pair["model"], ct))
-    # calibration of each pair comes from the others (held out from the pair it is scored on)
-    tables = []
-    for number in range(len(pairs)):
-        others = [p for i, p in enumerate(pairs) if i != number] or pairs
-        tables.append(
-            fit_calibration(
-                np.concatenate([p["maps"]["one_minus_p"] for p in others]),
-                np.concatenate([p["wrong"] for p in others]),
-            )
-        )
+    review_maps(pairs)
     rows, results, calibration = [], [], []
-    for pair, table in zip(pairs, tables):
+    for pair in pairs:
         name = f"{model_name(pair['model'])} on {pair['ct']}"
         scores = {m: auroc(v, pair["wrong"]) for m, v in pair["maps"].items()}
         top = {m: precision_at_top(v, pair["wrong"]) for m, v in pair["maps"].items()}
         raw_ece, raw_curve = expected_calibration_error(pair["maps"]["one_minus_p"], pair["wrong"])
-        calibrated = apply_calibration(pair["maps"]["one_minus_p"], table)
-        # what the product shows: 1 - p through the table (ties where the table is flat)
+        calibrated = pair["review"]  # what the product shows
         scores["review_map"] = auroc(calibrated, pair["wrong"])
         top["review_map"] = precision_at_top(calibrated, pair["wrong"])
         cal_ece, cal_curve = expected_calibration_error(calibrated, pair["wrong"])
         calibration.append({"raw": raw_curve, "calibrated": cal_curve})
-        structures = structure_rows(pair, table)
+        structures = structure_rows(pair)
         results.append(
             {
                 "pair": name,
@@ -292,7 +319,8 @@ def main() -> None:
                 "precision_top5": top,
                 "ece_one_minus_p": raw_ece,
                 "ece_calibrated": cal_ece,
-                "calibration_table": table,
+                "calibration_table": pair["table"],
+                "joint_table": pair["joint"],
                 "structures": structures,
                 "encode_seconds": pair["encode_seconds"],
             }
@@ -307,12 +335,13 @@ def main() -> None:
                 f"  {s['structure']:<24} Dice {s['dice']:.3f}  predicted {s['predicted_dice']:.3f}  check {s['check']}"
             )
     benchlib.print_table(["pair", "map", "AUROC (wrong voxels)", "precision, top 5 %"], rows)
-    pictures(pairs, tables, calibration)
+    pictures(pairs, calibration)
     pooled = {
         "calibration": fit_calibration(
             np.concatenate([p["maps"]["one_minus_p"] for p in pairs]),
             np.concatenate([p["wrong"] for p in pairs]),
         ),
+        **({"joint": joint_of(pairs)} if all("novelty" in p["maps"] for p in pairs) else {}),
         "fitted_on": "bench_heatmap: "
         + "; ".join(f"{model_name(p['model'])} on {p['ct']} (not trained on it)" for p in pairs),
     }
@@ -320,6 +349,7 @@ def main() -> None:
     for p in pairs:
         own = {
             "calibration": fit_calibration(p["maps"]["one_minus_p"], p["wrong"]),
+            **({"joint": joint_of([p])} if "novelty" in p["maps"] else {}),
             "fitted_on": f"bench_heatmap: {model_name(p['model'])} on {p['ct']} (not trained on it), "
             f"{len(p['wrong'])} body voxels",
         }

@@ -1,16 +1,18 @@
 """Give a demo model the review map's calibration measured on patients never trained on.
 
 ``bench_heatmap.py`` scores models on CTs they were not trained on and fits the calibration table on
-their errors (``results/heatmap_calibration.json``: all its pairs pooled); this script copies
-``--model`` with that table and the structures' places (from the CTs it was trained on,
-``--trained-on``) in its card. The shipped demo is trained on both real CTs, so its table comes from
+their errors (``results/heatmap_calibration.json``: all its pairs pooled; with ``--trained-on`` it
+also holds the joint table of ``1 - p`` and intensity novelty); this script copies ``--model`` with
+those tables, the structures' places and the classes' intensity profile (from the CTs it was
+trained on, ``--trained-on``) in its card. The shipped demo is trained on both real CTs, so its table comes from
 the pairs of BENCHMARKS.md §7, among them the same recipe trained on one CT and scored on the other,
 both ways (``--calibration-of MODEL`` takes instead the table a training run fitted at export on
 its whole validation case):
 
     python Testing/benchmarks/bench_heatmap.py --pair runs/cross/sample_to_lidc/model.safetensors lidc \
         --pair runs/cross/lidc_to_sample/model.safetensors sample --pair runs/demo_onect.safetensors lidc \
-        --pair runs/demo-recipe-sample/model.safetensors lidc --pair runs/demo-recipe-lidc/model.safetensors sample
+        --pair runs/demo-recipe-sample/model.safetensors lidc --pair runs/demo-recipe-lidc/model.safetensors sample \
+        --trained-on sample --trained-on lidc --trained-on sample --trained-on sample --trained-on lidc
     python Testing/benchmarks/calibrate_demo.py --model runs/voila-demo-both/model.safetensors \
         --trained-on sample lidc --out runs/voila_demo_calibrated.safetensors
     cp runs/voila_demo_calibrated.safetensors Resources/Models/voila_demo.safetensors
