@@ -167,6 +167,7 @@ def test_a_broken_joint_table_is_refused(table):
     [
         {"hu": [-500, 1500, 25], "density": {"liver": [0.5] * 3}},  # wrong number of bins
         {"hu": [-500, 1500, 0.001], "density": {}},  # two million bins
+        {"hu": [-500, 1500, 5], "density": {}},  # 402 bins: a voxel's bin would not fit a byte
         {"hu": [0, 100, 50], "density": {"liver": [0.5, 0.5, 2.0, 0.1]}},  # not a share
         {"density": {}},
     ],

@@ -66,6 +66,8 @@ CALIBRATION_SAMPLE = 2_000_000
 # The intensity profile's bins: Hounsfield units from the body threshold up, 25 HU wide (plus one
 # bin below and one above).
 PROFILE_HU = (-500.0, 1500.0, 25.0)
+# The most bins a stored profile may have (a voxel's bin is kept in one byte).
+PROFILE_MAX_BINS = 256
 # Bins per axis of a joint table (quantiles of the fitting data), and the most a card may hold.
 JOINT_BINS = 12
 JOINT_MAX_BINS = 64
@@ -325,7 +327,7 @@ def check_intensity_profile(entry: Any, where: str) -> None:
         low, high, step = (float(v) for v in entry["hu"])
         bins = int(round((high - low) / step)) + 2 if step > 0 and high > low else 0
         rows = dict(entry["density"])
-        ok = 2 < bins <= 1000 and len(rows) <= 10000
+        ok = 2 < bins <= PROFILE_MAX_BINS and len(rows) <= 10000
         ok = ok and all(
             isinstance(row, list) and len(row) == bins and all(0 <= float(v) <= 1 for v in row)
             for row in rows.values()
@@ -335,7 +337,7 @@ def check_intensity_profile(entry: Any, where: str) -> None:
     if not ok:
         raise ConfigError(
             f'{where}: the intensity profile is {{"hu": [low, high, step], "density": {{class: [shares]}}}}, '
-            "at most 1000 bins, one share in [0, 1] per bin"
+            f"at most {PROFILE_MAX_BINS} bins, one share in [0, 1] per bin"
         )
 
 
