@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 
 import torch
 from voila.cli import main
@@ -59,6 +61,17 @@ def test_voila_info_prints_the_card_and_the_parameter_count(tiny_model_path, cap
     assert main(["info", str(tiny_model_path)]) == 0
     out = capsys.readouterr().out
     assert "trainable parameters: 0.43 M" in out and "kidney_left" in out
+
+
+def test_voila_info_piped_into_a_reader_that_has_gone_is_quiet(tiny_model_path, monkeypatch, capsys):
+    """``voila info MODEL | head -1``: once the reader has left, writing fails with a broken pipe;
+    no "internal error", the exit status of SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone
+    with os.fdopen(write_end, "w", buffering=1) as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["info", str(tiny_model_path)]) == 141
+    assert capsys.readouterr().err == ""
 
 
 def test_voila_info_on_the_paper_preset_reports_6_4_million(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -94,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"voila {args.command}: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
         return 143
+    except BrokenPipeError:
+        # the reader of stdout has gone (``voila info MODEL | head``): nothing to say to it; point
+        # stdout at devnull so that the interpreter's last flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as error:  # unexpected: still one line unless --debug
         if args.debug:
             traceback.print_exc()
