@@ -74,6 +74,17 @@ def test_voila_info_piped_into_a_reader_that_has_gone_is_quiet(tiny_model_path, 
     assert capsys.readouterr().err == ""
 
 
+def test_a_saved_model_file_is_readable_as_the_users_umask_allows(tiny_model_path, tmp_path):
+    loaded = load_model(tiny_model_path)
+    previous = os.umask(0o022)
+    try:
+        path = save_model(tmp_path / "shared.safetensors", loaded.model, loaded.card, loaded.text_cache)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # a colleague on the same server can load it
+    assert read_model_card(path)["classes"] == loaded.card["classes"]
+
+
 def test_voila_info_on_the_paper_preset_reports_6_4_million(capsys):
     assert main(["info", "--preset", "paper"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trainable parameters"))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from voila.errors import ModelFileError
 from voila.model.config import ModelConfig
@@ -90,7 +90,9 @@ def save_model(
         tensors["text_cache.features"] = text_cache.as_tensor().float().contiguous()
     metadata = {CARD_KEY: json.dumps(card, sort_keys=True, ensure_ascii=False)}
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        # written by Python, so the file gets the user's umask (safetensors' own writer makes it
+        # 0600: a colleague on a shared server could not load the model)
+        temporary.write_bytes(safetensors_bytes(tensors, metadata=metadata))
     return path
 
 
