@@ -134,17 +134,41 @@ def test_the_joint_table_finds_confident_errors_that_1_minus_p_cannot():
     )
 
 
-def test_a_calibration_sample_with_a_profile_fits_the_joint_table():
+def test_the_novelty_map_lights_a_foreign_structure_not_a_lone_noisy_voxel():
+    """Regional novelty (a 3³ block's mean): an enhanced kidney that the profile knew at 30 HU is
+    foreign throughout; one noisy voxel in an otherwise typical kidney is not."""
     preprocessing = PreprocessingConfig()
-    profile = IntensityProfile(["background", "liver"])
-    image = np.linspace(-1, 1, 4000)
-    profile.add(profile.bins(image, preprocessing), (image > 0).astype(int))
+
+    def normalised(hu):
+        return (np.asarray(hu, dtype=np.float32) - preprocessing.mean) / preprocessing.std
+
+    profile = IntensityProfile(["background", "kidney"])
+    profile.add(profile.bins(normalised(np.full(500, 30.0)), preprocessing), np.ones(500, int))
+    hu = np.full((12, 12, 12), 30.0)
+    hu[1:5, 1:5, 1:5] = 180.0  # an enhanced region
+    hu[8, 8, 8] = 180.0  # one noisy voxel
+    novelty = profile.novelty_map(profile.bins(normalised(hu), preprocessing), np.ones(hu.shape, int))
+    assert novelty.shape == hu.shape and novelty[2:4, 2:4, 2:4].min() > 0.95
+    assert novelty[8, 8, 8] < 0.05 and novelty[10:, :, :].max() < 1e-6
+    outside = profile.novelty_map(
+        profile.bins(normalised(hu), preprocessing), np.ones(hu.shape, int), hu < 100
+    )
+    assert outside[2:4, 2:4, 2:4].max() == 0  # outside the body nothing is foreign
     sample = CalibrationSample(limit=1000, seed=0, profile=profile, preprocessing=preprocessing)
+    assert np.array_equal(sample.novelty_map(normalised(hu), np.ones(hu.shape, int)), novelty)
+    assert CalibrationSample().novelty_map(normalised(hu), np.ones(hu.shape, int)) is None
+
+
+def test_a_calibration_sample_with_novelties_fits_the_joint_table():
     rng = np.random.default_rng(2)
-    sample.add(rng.uniform(0.3, 1, 4000), rng.uniform(0, 1, 4000) < 0.2, (image > 0).astype(int), image)
+    sample = CalibrationSample(limit=1000, seed=0)
+    sample.add(rng.uniform(0.3, 1, 4000), rng.uniform(0, 1, 4000) < 0.2, rng.uniform(0, 1, 4000))
     table = sample.fit_joint()
     assert sample.voxels == 1000 and table is not None and len(table["wrong"]) >= 2
     assert CalibrationSample().fit_joint() is None
+    without = CalibrationSample()
+    without.add(rng.uniform(0.3, 1, 100), rng.uniform(0, 1, 100) < 0.2)  # a case without novelty
+    assert without.fit_joint() is None and without.fit() is not None
 
 
 @pytest.mark.parametrize(
@@ -217,6 +241,11 @@ def test_predicted_dice_follows_the_review_map_and_flags_below_the_threshold():
     assert sure.predicted_dice > 0.98 and not sure.check
     doubtful = structure_quality(mine, np.full(mine.shape, 0.6, np.float32), nothing)
     assert doubtful.predicted_dice < 0.7 and doubtful.check and "predicted Dice" in doubtful.reason
+    # judged as the user reads it: 0.6996 is shown as 0.70 and is not "below 0.7"
+    edge = structure_quality(mine, np.full(mine.shape, 0.462, np.float32), nothing)
+    assert 0.6995 < edge.predicted_dice < 0.7 and not edge.check
+    below = structure_quality(mine, np.full(mine.shape, 0.48, np.float32), nothing)
+    assert below.check and "predicted Dice 0.68 below 0.7" in below.reason
     missed = np.zeros_like(mine)
     missed[15:18, 5:15, 5:15] = True  # voxels this structure lost to a neighbour, on the fence
     assert structure_quality(mine, np.full(mine.shape, 0.3, np.float32), missed).predicted_dice < (

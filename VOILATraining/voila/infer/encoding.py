@@ -187,14 +187,14 @@ class VolumeEncoding:
         )
 
     def _novelty(self, winner: torch.Tensor, region) -> np.ndarray | None:
-        """Intensity novelty on the model grid (:class:`voila.infer.review.IntensityProfile`) of
-        each voxel for the row it was given (``winner``, region shape): rows past the trained
+        """Regional intensity novelty on the model grid (:class:`voila.infer.review.IntensityProfile`)
+        of each voxel for the row it was given (``winner``, region shape): rows past the trained
         classes (free text) and voxels outside the encoded region get 0. None without a profile."""
         profile = self.segmenter.intensity_profile
         if profile is None or self.intensity_bins is None:
             return None
         placed = _on_grid(winner, region, self.grid_shape, -1).numpy()
-        return profile.novelty(self.intensity_bins, placed)
+        return profile.novelty_map(self.intensity_bins, placed, self.body)
 
     def _assess(self, results, resolved, rows, grid_labels, review, runner_up) -> None:
         """Each found prompt's predicted Dice and "check this structure" flag (in place), from the

@@ -65,8 +65,8 @@ def validate_cases(
     run stays a small share of its time. The first case is kept as a picture (with its CAS
     heatmap; ``picture=False``: none, and no heatmap is computed). ``calibration``: a
     :class:`voila.infer.review.CalibrationSample` that receives each part's winning-class
-    probability, wrong voxels, winning class and intensity (annotated voxels of the body, image
-    above ``body_threshold``).
+    probability, wrong voxels and intensity novelty (annotated voxels of the body, image above
+    ``body_threshold``).
     ``model`` is left in eval mode; the caller switches it back to training.
     """
     started = time.monotonic()
@@ -107,11 +107,11 @@ def validate_cases(
             predicted, reference = predicted_volume[known], reference_volume[known]
             if calibration is not None:
                 scored = known & (part_image[0].numpy() > body_threshold)
+                novelty = calibration.novelty_map(part_image[0].numpy(), predicted_volume)
                 calibration.add(
                     prediction.probability.numpy()[scored],
                     predicted_volume[scored] != reference_volume[scored],
-                    predicted_volume[scored],
-                    part_image[0].numpy()[scored],
+                    None if novelty is None else novelty[scored],
                 )
             both = np.bincount(reference[predicted == reference], minlength=len(class_names))
             overlap_sum += 2 * both[: len(class_names)]
