@@ -154,8 +154,10 @@ def add_novelty(pair: dict, trained: dict) -> None:
     preprocessing = trained["preprocessing"]
     seen = trained["grid_image"].ravel()[trained["body"]]
     profile.add(profile.bins(seen, preprocessing), trained["truth"][trained["body"]])
-    bins = profile.bins(pair["grid_image"].ravel()[pair["body"]], preprocessing)
-    novelty = profile.novelty(bins, pair["winner"][pair["body"]])
+    bins = profile.bins(pair["grid_image"], preprocessing)
+    shape = pair["shape"]
+    novelty = profile.novelty_map(bins, pair["winner"].reshape(shape), pair["body"].reshape(shape))
+    novelty = novelty.ravel()[pair["body"]]
     pair["maps"]["novelty"] = novelty
     pair["maps"]["novelty_and_one_minus_p"] = 0.5 * (novelty + pair["maps"]["one_minus_p"])
 
