@@ -34,7 +34,7 @@ from voila.infer.review import (
 from voila.infer.segmenter import Segmenter
 from voila.model.model_file import read_model_card
 from voila.training.data import TrainingData
-from voila.training.export import training_places
+from voila.training.export import training_statistics
 from voila.vocabulary import Vocabulary
 
 
@@ -280,7 +280,7 @@ def test_training_places_and_inference_centres_agree_for_any_file_orientation(tm
     prepared = TrainingData.prepare(
         [data_root], preprocessing, Vocabulary.load(), need_validation_cases=False
     )
-    places = training_places(prepared, preprocessing)
+    places = training_statistics(prepared, preprocessing).places
     assert {"liver", "spleen", "kidney_left", "kidney_right"} <= set(places)
     assert (
         places["liver"]["mean"][0] > places["spleen"]["mean"][0]

@@ -124,11 +124,11 @@ def default_description(data, model_config: ModelConfig) -> str:
     )
 
 
-def review_entry(config, data, preprocessing, calibration=None, profile=None) -> dict[str, Any]:
+def review_entry(config, data, statistics, calibration=None) -> dict[str, Any]:
     """The card's ``review`` entry (:mod:`voila.infer.review`): the calibration tables fitted on
     the whole validation cases (``calibration``: their :class:`CalibrationSample`) or read from
-    the ``calibration`` file, the classes' intensity ``profile`` (:func:`intensity_profile`) and
-    where each structure lies in the training cases."""
+    the ``calibration`` file, and from the training cases (``statistics``:
+    :func:`training_statistics`) where each structure lies and the classes' intensity profile."""
     from voila.infer.review import load_calibration
 
     if config.calibration != "validation":
@@ -148,38 +148,35 @@ def review_entry(config, data, preprocessing, calibration=None, profile=None) ->
             else "no validation cases"
         )
         entry = {"calibration": None, "fitted_on": f"not calibrated ({reason}): the review map shows 1 - p"}
-    entry["places"] = training_places(data, preprocessing)
-    if profile is not None:
-        entry["intensity"] = profile.to_card()
+    entry["places"] = statistics.places
+    entry["intensity"] = statistics.profile.to_card()
     return entry
 
 
-def intensity_profile(data, preprocessing):
-    """The classes' intensity profile (:class:`voila.infer.review.IntensityProfile`) over the body
-    voxels of the training cases, each class counted where a case annotates it."""
-    from voila.infer.review import IntensityProfile, body_mask
+@dataclass
+class TrainingStatistics:
+    """What the review map keeps of the training cases: ``places`` (the card's ``places``) and
+    ``profile`` (the classes' :class:`voila.infer.review.IntensityProfile`)."""
 
+    places: dict[str, dict[str, list[float]]]
+    profile: Any
+
+
+def training_statistics(data, preprocessing) -> TrainingStatistics:
+    """One pass over the training cases: the body-normalised centre of each structure in the cases
+    that label it (:func:`voila.infer.review.place_statistics`) and each class's intensity profile
+    over the body voxels, counted where a case annotates the class."""
+    from voila.infer.review import IntensityProfile, body_mask, body_normalised_centre, place_statistics
+
+    centres: dict[str, list] = {}
     profile = IntensityProfile(data.class_names)
     for index in data.train_indices:
         case = data.cases[index]
         image, label = case.volumes()
-        values = image[0].numpy()
-        body = body_mask(values, preprocessing)
-        profile.add(profile.bins(values[body], preprocessing), label[0].numpy()[body], case.annotated.numpy())
-    return profile
-
-
-def training_places(data, preprocessing) -> dict[str, dict[str, list[float]]]:
-    """Body-normalised centre of each structure in the training cases that label it
-    (:func:`voila.infer.review.place_statistics`)."""
-    from voila.infer.review import body_mask, body_normalised_centre, place_statistics
-
-    centres: dict[str, list] = {}
-    for index in data.train_indices:
-        case = data.cases[index]
-        image, label = case.volumes()
-        body = body_mask(image[0].numpy(), preprocessing)
+        intensities = image[0].numpy()
+        body = body_mask(intensities, preprocessing)
         values = label[0].numpy()
+        profile.add(profile.bins(intensities[body], preprocessing), values[body], case.annotated.numpy())
         affine = np.asarray(image.affine, dtype=np.float64)
         present = np.bincount(values.ravel(), minlength=len(data.class_names) + 1)
         for c in range(1, len(data.class_names)):
@@ -187,7 +184,7 @@ def training_places(data, preprocessing) -> dict[str, dict[str, list[float]]]:
                 centre = body_normalised_centre(values == c, body, affine)
                 if centre is not None:
                     centres.setdefault(data.class_names[c], []).append(centre)
-    return place_statistics(centres)
+    return TrainingStatistics(place_statistics(centres), profile)
 
 
 def export_model(
@@ -231,8 +228,6 @@ def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str
     loaded = load_model(model_path)
     preprocessing = PreprocessingConfig.from_dict(loaded.card["preprocessing"])
     entry = load_calibration(calibration)
-    if entry.get("joint"):
-        entry["intensity"] = None  # set below, from the data the model was trained on
     cases = TrainingData.prepare(
         data,
         preprocessing,
@@ -241,7 +236,8 @@ def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str
         need_validation_cases=False,
         structures=list(loaded.card["classes"][1:]),
     )
-    entry["places"] = training_places(cases, preprocessing)
+    statistics = training_statistics(cases, preprocessing)
+    entry["places"] = statistics.places
     if entry.get("joint"):
-        entry["intensity"] = intensity_profile(cases, preprocessing).to_card()
+        entry["intensity"] = statistics.profile.to_card()
     return save_model(out, loaded.model, dict(loaded.card, review=entry), loaded.text_cache)

@@ -56,13 +56,7 @@ from voila.training.checkpoint import capture_rng, load_checkpoint, restore_rng,
 from voila.training.config import TrainConfig
 from voila.training.data import PatchDataset, TrainingData, epoch_keys, patch_transforms
 from voila.training.distributed import Distributed
-from voila.training.export import (
-    RunTotals,
-    export_model,
-    intensity_profile,
-    review_entry,
-    training_record,
-)
+from voila.training.export import RunTotals, export_model, review_entry, training_record, training_statistics
 from voila.training.report import MetricsTable, TensorBoardLog, plot_curves, plot_validation
 from voila.training.run_folder import RunFolder
 from voila.training.timebox import plan_patch
@@ -767,7 +761,8 @@ class Trainer:
         )
         calibration = None
         fit_here = self.config.calibration == "validation" and not self.data.validating_on_training_cases
-        profile = intensity_profile(self.data, self.preprocessing)
+        statistics = training_statistics(self.data, self.preprocessing)
+        profile = statistics.profile
         base = self.base_model()
         if base is not None and (base.card.get("review") or {}).get("intensity"):
             # fine-tuning: the base's classes the new cases do not label keep the base's profile
@@ -792,7 +787,7 @@ class Trainer:
                 final.seconds,
             )
             totals.final_dice, totals.final_scores = final.mean, final.per_class
-        review = review_entry(self.config, self.data, self.preprocessing, calibration, profile)
+        review = review_entry(self.config, self.data, statistics, calibration)
         if base is not None:  # fine-tuning: what the new cases cannot tell comes from the base
             base_review = base.card.get("review") or {}
             for name, place in (base_review.get("places") or {}).items():
