@@ -270,6 +270,31 @@ def test_a_structure_found_on_the_wrong_side_is_flagged_as_an_implausible_place(
     ).check
 
 
+def test_training_statistics_measure_only_the_classes_labelled_by_hand(tmp_path):
+    """A fine-tune's pseudo-labels come from the base model: the places and intensity profile of
+    those classes stay the base's (``labelled_by_hand``), not what the base "found" in new images."""
+    from types import SimpleNamespace
+
+    from voila.training.finetune import FinetuneTrainer
+
+    data_root = write_phantom_dataset(
+        tmp_path / "data", 1, shape=(24, 24, 24), spacing=(6, 6, 6), val_fraction=0
+    )
+    preprocessing = PreprocessingConfig(spacing=(6, 6, 6))
+    prepared = TrainingData.prepare(
+        [data_root], preprocessing, Vocabulary.load(), need_validation_cases=False
+    )
+    spleen = prepared.class_names.index("spleen")
+    trainer = SimpleNamespace(data=prepared, pseudo_labelled={prepared.train_indices[0]: {spleen}})
+    by_hand = {i: FinetuneTrainer.labelled_by_hand(trainer, i) for i in prepared.train_indices}
+    assert not by_hand[prepared.train_indices[0]][spleen] and prepared.cases[0].annotated[spleen]
+    every = training_statistics(prepared, preprocessing)
+    measured = training_statistics(prepared, preprocessing, by_hand)
+    assert "spleen" in every.places and "spleen" in every.profile.to_card()["density"]
+    assert "spleen" not in measured.places and "spleen" not in measured.profile.to_card()["density"]
+    assert measured.places["liver"] == every.places["liver"]
+
+
 def test_training_places_and_inference_centres_agree_for_any_file_orientation(tmp_path):
     """Where training records a structure and where inference finds it are the same world place
     (left is left), also for a file stored in another orientation."""

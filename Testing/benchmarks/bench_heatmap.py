@@ -12,8 +12,9 @@ through the isotonic table (``voila.infer.review``), each fitted on the *other* 
 from the pair it is scored on); ``review_map_other_ct``: the joint table fitted only on pairs
 scored on the other CT. Per map: the area under the ROC curve for finding the wrong voxels, and
 the precision among the top 5 % of voxels. Calibration of ``1 - p`` and of the review map as a
-probability of being wrong: expected calibration error (10 bins) and a reliability diagram. Per structure: the predicted Dice (``structure_quality``) against the real
-one. Pictures: ``results/heatmap_reliability.png``, ``results/heatmap_<pair>.png``.
+probability of being wrong: expected calibration error (10 bins) and a reliability diagram. Per
+structure: the predicted Dice (``structure_quality``) against the real one. Pictures:
+``results/heatmap_reliability.png``, ``results/heatmap_<pair>.png``.
 
 It also writes ``results/heatmap_calibration.json``: the tables fitted on all pairs together (each
 a model on a patient it never saw), in the form ``voila train --calibration FILE`` takes, so a model

@@ -4,10 +4,10 @@
 their errors (``results/heatmap_calibration.json``: all its pairs pooled; with ``--trained-on`` it
 also holds the joint table of ``1 - p`` and intensity novelty); this script copies ``--model`` with
 those tables, the structures' places and the classes' intensity profile (from the CTs it was
-trained on, ``--trained-on``) in its card. The shipped demo is trained on both real CTs, so its table comes from
-the pairs of BENCHMARKS.md §7, among them the same recipe trained on one CT and scored on the other,
-both ways (``--calibration-of MODEL`` takes instead the table a training run fitted at export on
-its whole validation case):
+trained on, ``--trained-on``) in its card. The shipped demo is trained on both real CTs, so its
+tables come from the pairs of BENCHMARKS.md §7, among them the same recipe trained on one CT and
+scored on the other, both ways (``--calibration-of MODEL`` takes instead the tables a training run
+fitted at export on its whole validation case):
 
     python Testing/benchmarks/bench_heatmap.py --pair runs/cross/sample_to_lidc/model.safetensors lidc \
         --pair runs/cross/lidc_to_sample/model.safetensors sample --pair runs/demo_onect.safetensors lidc \
@@ -51,7 +51,8 @@ def main() -> None:
                 raise SystemExit(f"{args.calibration_of} has no review calibration in its card")
             calibration = Path(folder) / "calibration.json"
             fitted_on = f"the same recipe's {args.calibration_of}: {review.get('fitted_on', '')}"
-            calibration.write_text(json.dumps({"calibration": review["calibration"], "fitted_on": fitted_on}))
+            tables = {key: review[key] for key in ("calibration", "joint") if review.get(key)}
+            calibration.write_text(json.dumps({**tables, "fitted_on": fitted_on}))
         trained_on = datalist(Path(folder) / "trained_on.json", list(args.trained_on))
         path = recalibrated(args.model, calibration, [str(trained_on)], args.out)
     print(f"wrote {path}")

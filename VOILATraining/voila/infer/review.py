@@ -13,9 +13,10 @@ background without doubt; ``1 - p`` cannot see it. So the card also keeps each c
 profile** (the share of its voxels in each 25 HU bin, from the training cases' labels) and the
 review map is a **joint table** ``P(wrong | 1 - p, intensity novelty)`` where the novelty of a voxel
 is how rare its intensity was for the class it was given (``1 - density / the class's densest
-bin``, averaged over a 3³ block of the model grid). The table is fitted like the one-dimensional one and kept non-decreasing in both (more
-doubt, or a more foreign intensity, never means less likely wrong). A card without a profile or
-joint table shows calibrated ``1 - p`` as before.
+bin``, averaged over a 3³ block of the model grid, 0 outside the body). The table is fitted like
+the one-dimensional one and kept non-decreasing in both (more doubt, or a more foreign intensity,
+never means less likely wrong). A card without a profile or joint table shows calibrated ``1 - p``
+as before.
 
 Per structure, the same table gives an expected quality: the predicted Dice of the structure's
 region from the probabilities that its voxels are right and that nearby voxels should have been
@@ -266,9 +267,10 @@ class IntensityProfile:
         self.density = np.full(self.counts.shape, np.nan)
 
     def bins(self, image: np.ndarray, preprocessing) -> np.ndarray:
-        """The bin of each voxel (uint8, ``image``'s shape) of a normalised model-grid ``image``."""
-        hu = np.asarray(image, dtype=np.float32) * preprocessing.std + preprocessing.mean
-        return np.digitize(hu, self.edges).astype(np.uint8)
+        """The bin of each voxel (uint8, ``image``'s shape) of a normalised model-grid ``image``:
+        the HU edges are normalised as the CT was (``preprocessing.normalise``)."""
+        edges = [preprocessing.normalise(float(hu)) for hu in self.edges]
+        return np.digitize(np.asarray(image, dtype=np.float32), edges).astype(np.uint8)
 
     def add(self, bins: np.ndarray, labels: np.ndarray, annotated: Sequence[bool] | None = None) -> None:
         """Count voxels ``bins`` of ``labels`` (class indices; only ``annotated`` classes count)."""
@@ -289,7 +291,7 @@ class IntensityProfile:
         known = (winner >= 0) & (winner < len(self.classes))
         known[known] &= ~np.isnan(self.density[winner[known], 0])
         novelty = np.zeros(winner.shape, dtype=np.float32)
-        peak = np.nanmax(np.where(np.isnan(self.density), -1.0, self.density), axis=1)
+        peak = np.where(np.isnan(self.density), -1.0, self.density).max(axis=1)
         rows = winner[known]
         novelty[known] = 1.0 - self.density[rows, bins[known]] / peak[rows]
         return np.clip(novelty, 0.0, 1.0)

@@ -162,10 +162,11 @@ class TrainingStatistics:
     profile: Any
 
 
-def training_statistics(data, preprocessing) -> TrainingStatistics:
+def training_statistics(data, preprocessing, annotated=None) -> TrainingStatistics:
     """One pass over the training cases: the body-normalised centre of each structure in the cases
     that label it (:func:`voila.infer.review.place_statistics`) and each class's intensity profile
-    over the body voxels, counted where a case annotates the class."""
+    over the body voxels, counted where a case annotates the class (``annotated``: training case
+    index → the per-class flags to count; default each case's own, ``case.annotated``)."""
     from voila.infer.review import IntensityProfile, body_mask, body_normalised_centre, place_statistics
 
     centres: dict[str, list] = {}
@@ -176,11 +177,12 @@ def training_statistics(data, preprocessing) -> TrainingStatistics:
         intensities = image[0].numpy()
         body = body_mask(intensities, preprocessing)
         values = label[0].numpy()
-        profile.add(profile.bins(intensities[body], preprocessing), values[body], case.annotated.numpy())
+        flags = np.asarray(case.annotated if annotated is None else annotated[index], dtype=bool)
+        profile.add(profile.bins(intensities[body], preprocessing), values[body], flags)
         affine = np.asarray(image.affine, dtype=np.float64)
         present = np.bincount(values.ravel(), minlength=len(data.class_names) + 1)
         for c in range(1, len(data.class_names)):
-            if bool(case.annotated[c]) and present[c]:
+            if flags[c] and present[c]:
                 centre = body_normalised_centre(values == c, body, affine)
                 if centre is not None:
                     centres.setdefault(data.class_names[c], []).append(centre)
@@ -214,8 +216,8 @@ def recalibrated(model_path: str | Path, calibration: str | Path, data: list[str
     replaced: the calibration table(s) of the file ``calibration`` (e.g. fitted by
     ``Testing/benchmarks/bench_heatmap.py`` on patients the model never saw), and the structures'
     places and (with a joint table) the classes' intensity profile in ``data`` (the datasets the
-    model was trained on). Weights, text cache and the rest
-    of the card are unchanged; ``out`` must be a new file (the input is never replaced)."""
+    model was trained on). Weights, text cache and the rest of the card are unchanged; ``out``
+    must be a new file (the input is never replaced)."""
     from voila.data.preprocess import PreprocessingConfig
     from voila.infer.review import load_calibration
     from voila.model.model_file import load_model

@@ -191,6 +191,14 @@ class FinetuneTrainer(Trainer):
             "labels": sources,
         }
 
+    def labelled_by_hand(self, index: int) -> torch.Tensor:
+        """A case's annotated classes less those its pseudo-labels filled in: the base's own places
+        and intensity profile stand for those (a base that "finds" a liver in the neck must not
+        teach the card that livers lie there)."""
+        flags = self.data.cases[index].annotated.clone()
+        flags[sorted(self.pseudo_labelled.get(index, ()))] = False
+        return flags
+
     def base_sentence(self, name: str) -> str:
         from voila.vocabulary import class_sentence
 

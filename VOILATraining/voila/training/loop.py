@@ -258,6 +258,11 @@ class Trainer:
         """An existing model to start from (fine-tuning); None trains from scratch."""
         return None
 
+    def labelled_by_hand(self, index: int) -> torch.Tensor:
+        """The classes ``(N,)`` bool whose labels in training case ``index`` come from the data,
+        not from a model: where structures lie and their intensities are measured on these only."""
+        return self.data.cases[index].annotated
+
     def build_model(self, features: torch.Tensor) -> BuiltModel:
         """The network for the data's classes, through the one factory; ``features`` ``(N - 1, F)``
         are the class sentences' CLIP features (encoded once, or restored from a checkpoint)."""
@@ -761,7 +766,9 @@ class Trainer:
         )
         calibration = None
         fit_here = self.config.calibration == "validation" and not self.data.validating_on_training_cases
-        statistics = training_statistics(self.data, self.preprocessing)
+        statistics = training_statistics(
+            self.data, self.preprocessing, {i: self.labelled_by_hand(i) for i in self.data.train_indices}
+        )
         profile = statistics.profile
         base = self.base_model()
         if base is not None and (base.card.get("review") or {}).get("intensity"):
